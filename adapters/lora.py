@@ -1,0 +1,166 @@
+"""LoRA adapters as data, and the linear layer that applies a different one to each batch row."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import AdapterDataError
+
+
+@dataclass
+class LoraAdapter:
+    """One named adapter: for each target module path of the base model, A `[r, in]` and B `[out, r]`.
+
+    The delta added to a target's output is `B @ A @ x * alpha / r`.
+    """
+
+    name: str
+    r: int
+    alpha: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dropout: float = 0.0
+    target_modules: str | list[str] | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+
+    def validate(self, modules: Mapping[str, nn.Linear]) -> None:
+        """Check that every target exists in `modules` and every A/B fits it (shapes, rank)."""
+        problems = []
+        unknown = sorted(set(self.weights) - set(modules))
+        if unknown:
+            problems.append(f"{len(unknown)} target(s) not in the base model, e.g. {unknown[:3]}")
+        for path, (a, b) in sorted(self.weights.items()):
+            lin = modules.get(path)
+            if lin is None:
+                continue
+            want_a = (self.r, lin.in_features)
+            want_b = (lin.out_features, self.r)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                problems.append(
+                    f"{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, expected {want_a} / {want_b}"
+                    f" (rank {self.r})"
+                )
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+            raise AdapterDataError(f"adapter {self.name!r} does not fit the base model: {shown}")
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "LoraAdapter":
+        w = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)) for k, (a, b) in self.weights.items()}
+        return LoraAdapter(self.name, self.r, self.alpha, w, self.dropout, self.target_modules)
+
+
+class RowAdapters:
+    """Which adapter each batch row uses, shared by every `LoraLinear` of one model.
+
+    `groups` is a list of (adapter index, row indices or None for all rows); rows in no group get the base output.
+    """
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int, torch.Tensor | None]] = []
+
+    def set(self, row_adapter: Sequence[int | None], device: torch.device | str = "cpu") -> None:
+        """`row_adapter[i]` is the adapter index of row i, or None for the base model alone."""
+        present = sorted({a for a in row_adapter if a is not None})
+        if len(present) == 1 and all(a is not None for a in row_adapter):
+            self.groups = [(present[0], None)]  # every row on one adapter: no gather
+            return
+        self.groups = [
+            (a, torch.tensor([i for i, r in enumerate(row_adapter) if r == a], device=device)) for a in present
+        ]
+
+    def clear(self) -> None:
+        self.groups = []
+
+
+class LoraLinear(nn.Module):
+    """A frozen `nn.Linear` plus any number of LoRA adapters, each row of a batch with its own (or none).
+
+    Keeps the base layer's parameter names (`weight`, `bias`), so the module tree's state dict is unchanged.
+    Adapters are stored stacked per adapter in the compute dtype; rows without an adapter get exactly the
+    base output (no `+ 0`), so text routes stay bit-identical with and without adapters loaded.
+    """
+
+    def __init__(self, base: nn.Linear, rows: RowAdapters) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.rows = rows
+        self.lora_a: list[torch.Tensor] = []  # per adapter index: [r, in]
+        self.lora_b: list[torch.Tensor] = []  # per adapter index: [out, r], scale folded in
+
+    def set_adapter_weights(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
+        while len(self.lora_a) <= index:
+            self.lora_a.append(None)
+            self.lora_b.append(None)
+        if a is None:
+            self.lora_a[index] = self.lora_b[index] = None
+            return
+        dt = self.weight.dtype
+        self.lora_a[index] = a.detach().to(device=self.weight.device, dtype=dt).contiguous()
+        self.lora_b[index] = (b.detach().to(device=self.weight.device, dtype=torch.float32) * scale).to(dt).contiguous()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.lora_a = [None if t is None else fn(t) for t in self.lora_a]
+        self.lora_b = [None if t is None else fn(t) for t in self.lora_b]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight, self.bias)
+        for index, rows in self.rows.groups:
+            if index >= len(self.lora_a) or self.lora_a[index] is None:
+                continue  # this adapter does not target this module
+            a, b = self.lora_a[index], self.lora_b[index]
+            if rows is None:
+                out = out + (x @ a.t()) @ b.t()
+            else:
+                xs = x.index_select(0, rows)  # [rows, T, in]
+                out = out.index_add(0, rows, (xs @ a.t()) @ b.t())
+        return out
+
+    def extra_repr(self) -> str:
+        n = sum(t is not None for t in self.lora_a)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={n}"
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn.Module]:
+    """The linear modules whose path matches `targets`, as peft matches `target_modules`: a string is a regex
+    that must match the whole path; a list names module suffixes (`["qkv_proj", "o_proj"]`)."""
+    if isinstance(targets, str):
+        ok = lambda p: re.fullmatch(targets, p) is not None  # noqa: E731
+    else:
+        names = tuple(targets)
+        ok = lambda p: any(p == n or p.endswith("." + n) for n in names)  # noqa: E731
+    return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear)) and ok(p)}
+
+
+def wrap_targets(model: nn.Module, paths: Iterable[str], rows: RowAdapters) -> dict[str, LoraLinear]:
+    """Replace each `nn.Linear` at `paths` by a `LoraLinear` sharing its weights (idempotent)."""
+    out = {}
+    for path in paths:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        mod = getattr(parent, attr)
+        if not isinstance(mod, LoraLinear):
+            mod = LoraLinear(mod, rows)
+            setattr(parent, attr, mod)
+        out[path] = mod
+    return out
+
+
+def merged_weight(base: torch.Tensor, adapter: LoraAdapter, path: str) -> torch.Tensor:
+    """`W0 + B @ A * scale` for one target, computed in fp32."""
+    a, b = adapter.weights[path]
+    return (base.float() + (b.float() @ a.float()) * adapter.scale).to(base.dtype)

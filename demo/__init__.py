@@ -1,0 +1,1 @@
+"""phimm's Gradio web demo."""

@@ -1,0 +1,166 @@
+"""Generation options and the prefill / decode loop over a batch whose rows each carry their own route."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GenerationConfigError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Options as in transformers' `GenerationConfig` (the subset phimm honours). Greedy by default."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple[int, ...] | None = None  # None: the model's
+    seed: int | None = None
+    output_logits: bool = False
+
+    @classmethod
+    def from_kwargs(cls, base: "GenerationOptions | None" = None, **kwargs) -> "GenerationOptions":
+        """Apply overrides (also accepts `generation_config=` a transformers GenerationConfig) and validate."""
+        opts = base or cls()
+        gc = kwargs.pop("generation_config", None)
+        if gc is not None:
+            kwargs = {**_from_generation_config(gc), **kwargs}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise GenerationConfigError(f"unknown generation option(s) {unknown}; known: {sorted(names)}")
+        if "eos_token_id" in kwargs and kwargs["eos_token_id"] is not None:
+            e = kwargs["eos_token_id"]
+            kwargs["eos_token_id"] = (int(e),) if isinstance(e, int) else tuple(int(x) for x in e)
+        opts = dataclasses.replace(opts, **kwargs)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise GenerationConfigError(msg)
+
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad(f"min_new_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.do_sample and self.temperature == 0:
+            bad("temperature 0 with do_sample=True: use do_sample=False for greedy decoding")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            bad(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+def _from_generation_config(gc) -> dict:
+    out = {}
+    for name in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                 "repetition_penalty", "eos_token_id"):
+        v = getattr(gc, name, None)
+        if v is not None:
+            out[name] = v
+    return out
+
+
+def process_logits(logits: torch.Tensor, generated: torch.Tensor | None, step: int, opts: GenerationOptions,
+                   eos: torch.Tensor) -> torch.Tensor:
+    """Apply repetition penalty, min_new_tokens and temperature / top-k / top-p to `[B, V]` logits (fp32)."""
+    logits = logits.float()
+    if opts.repetition_penalty != 1.0 and generated is not None and generated.numel():
+        score = logits.gather(1, generated)
+        score = torch.where(score < 0, score * opts.repetition_penalty, score / opts.repetition_penalty)
+        logits = logits.scatter(1, generated, score)
+    if step < opts.min_new_tokens and eos.numel():
+        logits = logits.index_fill(1, eos, float("-inf"))
+    if not opts.do_sample:
+        return logits
+    logits = logits / max(opts.temperature, 1e-6)
+    if opts.top_k:
+        k = min(opts.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > opts.top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return logits
+
+
+def choose(logits: torch.Tensor, opts: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
+    if not opts.do_sample:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Step:
+    """One decode step of a batch: each active row's new token (and raw logits when asked for)."""
+
+    index: int
+    tokens: list[int]  # per row; meaningless for rows already finished
+    finished: list[bool]  # per row, after this step
+    logits: torch.Tensor | None
+    time: float
+
+
+def run_batch(model, input_ids: Sequence[Sequence[int]], embeds_fn, routes_adapters: Sequence[str | None],
+              opts: GenerationOptions, eos_ids: Sequence[int], pad_id: int) -> Iterator[Step]:
+    """Prefill a left-padded batch and decode it step by step; yields after every step.
+
+    `embeds_fn(ids [B, T]) -> [B, T, D]` builds input embeddings (tokens with media features scattered in).
+    Each row's positions count from its own first token, so a row gives the same result as alone.
+    """
+    device = model.device
+    B = len(input_ids)
+    T = max(len(x) for x in input_ids)
+    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, T), dtype=torch.long, device=device)
+    for i, row in enumerate(input_ids):
+        ids[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, T - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    generator = None
+    if opts.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+
+    model.set_row_adapters(routes_adapters)
+    cache = model.new_cache()
+    embeds = embeds_fn(ids)
+    hidden = model.decode(embeds, mask, positions, cache)
+    logits = model.logits(hidden[:, -1])  # [B, V]
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    generated = torch.empty((B, 0), dtype=torch.long, device=device)
+    next_pos = positions[:, -1:] + 1
+    for step in range(opts.max_new_tokens):
+        raw = logits.float()
+        scores = process_logits(raw, generated, step, opts, eos)
+        tokens = choose(scores, opts, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        generated = torch.cat([generated, tokens[:, None]], dim=1)
+        finished = finished | torch.isin(tokens, eos)
+        done = bool(finished.all()) or step == opts.max_new_tokens - 1
+        yield Step(step, tokens.tolist(), finished.tolist(), raw if opts.output_logits else None, time.perf_counter())
+        if done:
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        hidden = model.decode(model.embed_tokens(tokens[:, None]), mask, next_pos, cache)
+        logits = model.logits(hidden[:, -1])
+        next_pos = next_pos + 1
+    model.rows.clear()

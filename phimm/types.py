@@ -1,0 +1,64 @@
+"""What a user hands the pipeline (`Request`) and what comes back (`Output`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from routers import Route
+
+from .errors import PhimmError
+
+
+@dataclass
+class Request:
+    """One request: a prompt string or chat messages, plus media.
+
+    - `prompt`: used verbatim; `<|image|>` / `<|audio|>` (or the original checkpoint's `<|image_1|>` /
+      `<|audio_1|>`) mark where each medium goes; with no placeholders, they are put in front (images, then
+      audios).
+    - `messages`: chat messages whose content is a string or a list of parts
+      (`{"type": "text", "text": ...}`, `{"type": "image", "image": ...}`, `{"type": "audio", "audio": ...}`),
+      rendered through the tokenizer's chat template with the generation prompt.
+    - `images`: PIL images, paths, bytes or arrays; `audios`: paths, `(array, sample_rate)` tuples or
+      `{"array", "sampling_rate"}` dicts.
+    - `adapter`: force an adapter by name (or a full `Route`; `Route(None)` forces the base model alone).
+    """
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    images: tuple | list = ()
+    audios: tuple | list = ()
+    adapter: str | Route | None = None
+
+
+@dataclass
+class Output:
+    """One request's result. `error` is set (and `text` empty) only for a failed row of a batch."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    route: Route | None = None
+    logits: torch.Tensor | None = None  # [steps, vocab], raw next-token logits, with output_logits=True
+    error: PhimmError | None = None
+    finish_reason: str | None = None  # "stop" (an end token), "length" (max_new_tokens), "error"
+    prompt_tokens: int = 0
+    ttft_s: float | None = None  # time to first token, from the start of the call
+    decode_s: float | None = None  # time from the first to the last token
+    total_s: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first per second (None with fewer than two tokens)."""
+        if self.decode_s is None or len(self.token_ids) < 2 or self.decode_s <= 0:
+            return None
+        return (len(self.token_ids) - 1) / self.decode_s
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __str__(self) -> str:
+        return self.text
