@@ -107,11 +107,12 @@ class Pipeline:
     def _generate(self, rows: list[Prepared], routes: list[Route], opts: GenerationOptions, start: float):
         """Yields (step, per-row token lists) while generating; returns the per-row outputs at the end."""
         outputs = [Output(route=r, prompt_tokens=len(p.input_ids)) for p, r in zip(rows, routes)]
+        eos_ids = opts.eos_token_id or self.eos_token_ids
         logits: list[list[torch.Tensor]] = [[] for _ in rows]
         first = last = None
         with torch.inference_mode():
             steps = run_batch(self.model, [p.input_ids for p in rows], self._embeds(rows, routes),
-                              [r.adapter for r in routes], opts, self.eos_token_ids, self.pad_token_id)
+                              [r.adapter for r in routes], opts, eos_ids, self.pad_token_id)
             done = [False] * len(rows)
             for step in steps:
                 first = first or step.time
@@ -121,7 +122,7 @@ class Pipeline:
                         continue
                     if opts.output_logits:
                         logits[i].append(step.logits[i].clone())
-                    if tok in self.eos_token_ids:
+                    if tok in eos_ids:
                         outputs[i].finish_reason = "stop"
                     else:
                         outputs[i].token_ids.append(tok)
