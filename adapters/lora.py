@@ -62,32 +62,47 @@ class LoraAdapter:
 class RowAdapters:
     """Which adapter each batch row uses, shared by every `LoraLinear` of one model.
 
-    `groups` is a list of (adapter index, row indices or None for all rows); rows in no group get the base output.
+    - `uniform`: the adapter index every row uses (None: rows differ, or no adapter at all);
+    - `rank_mask`: for a mixed batch, `[B, sum of ranks]` ones where a row's own adapter's ranks sit, zeros
+      elsewhere: every adapter's A is applied to every row in one matmul, the mask keeps each row's own.
     """
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        self.uniform: int | None = None
+        self.rank_mask: torch.Tensor | None = None
+        self.ranks: list[int] = []
 
-    def set(self, row_adapter: Sequence[int | None], device: torch.device | str = "cpu") -> None:
+    def set(self, row_adapter: Sequence[int | None], device: torch.device | str = "cpu",
+            dtype: torch.dtype = torch.float32) -> None:
         """`row_adapter[i]` is the adapter index of row i, or None for the base model alone."""
-        present = sorted({a for a in row_adapter if a is not None})
-        if len(present) == 1 and all(a is not None for a in row_adapter):
-            self.groups = [(present[0], None)]  # every row on one adapter: no gather
+        self.uniform, self.rank_mask = None, None
+        present = {a for a in row_adapter}
+        if present == {None}:
             return
-        self.groups = [
-            (a, torch.tensor([i for i, r in enumerate(row_adapter) if r == a], device=device)) for a in present
-        ]
+        if len(present) == 1:
+            self.uniform = next(iter(present))
+            return
+        offsets = [0]
+        for r in self.ranks:
+            offsets.append(offsets[-1] + r)
+        mask = torch.zeros(len(row_adapter), offsets[-1], dtype=dtype, device=device)
+        for i, a in enumerate(row_adapter):
+            if a is not None:
+                mask[i, offsets[a]:offsets[a + 1]] = 1
+        self.rank_mask = mask
 
     def clear(self) -> None:
-        self.groups = []
+        self.uniform, self.rank_mask = None, None
 
 
 class LoraLinear(nn.Module):
     """A frozen `nn.Linear` plus any number of LoRA adapters, each row of a batch with its own (or none).
 
     Keeps the base layer's parameter names (`weight`, `bias`), so the module tree's state dict is unchanged.
-    Adapters are stored stacked per adapter in the compute dtype; rows without an adapter get exactly the
-    base output (no `+ 0`), so text routes stay bit-identical with and without adapters loaded.
+    Adapters are kept in the compute dtype with their scale folded into B. A batch on one adapter runs
+    `x A^T B^T` directly; a mixed batch runs all adapters' A (stacked) in one matmul, masks each row to its own
+    adapter's ranks and applies the stacked B: no Python loop over adapters. Rows without an adapter get exactly
+    the base output, so text routes stay bit-identical with and without adapters loaded.
     """
 
     def __init__(self, base: nn.Linear, rows: RowAdapters) -> None:
@@ -97,37 +112,62 @@ class LoraLinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.rows = rows
-        self.lora_a: list[torch.Tensor] = []  # per adapter index: [r, in]
-        self.lora_b: list[torch.Tensor] = []  # per adapter index: [out, r], scale folded in
+        self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
+        self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r], scale folded in
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_adapter_weights(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         while len(self.lora_a) <= index:
             self.lora_a.append(None)
             self.lora_b.append(None)
+        self._stacked = None
         if a is None:
             self.lora_a[index] = self.lora_b[index] = None
             return
-        dt = self.weight.dtype
+        dt = self.weight.dtype if self.weight.is_floating_point() else torch.float32
         self.lora_a[index] = a.detach().to(device=self.weight.device, dtype=dt).contiguous()
         self.lora_b[index] = (b.detach().to(device=self.weight.device, dtype=torch.float32) * scale).to(dt).contiguous()
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All adapters' A `[sum r, in]` and B `[out, sum r]` side by side (zeros for adapters not targeting
+        this module), in the order of `rows.ranks`."""
+        if self._stacked is None:
+            dt, dev = self.lora_dtype, self.weight.device
+            a_parts, b_parts = [], []
+            for i, r in enumerate(self.rows.ranks):
+                a = self.lora_a[i] if i < len(self.lora_a) else None
+                b = self.lora_b[i] if i < len(self.lora_b) else None
+                a_parts.append(a if a is not None else torch.zeros(r, self.in_features, dtype=dt, device=dev))
+                b_parts.append(b if b is not None else torch.zeros(self.out_features, r, dtype=dt, device=dev))
+            self._stacked = (torch.cat(a_parts).contiguous(), torch.cat(b_parts, dim=1).contiguous())
+        return self._stacked
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        return self.weight.dtype if self.weight.is_floating_point() else torch.float32
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self.lora_a = [None if t is None else fn(t) for t in self.lora_a]
         self.lora_b = [None if t is None else fn(t) for t in self.lora_b]
+        self._stacked = None
         return out
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.weight, self.bias)
-        for index, rows in self.rows.groups:
-            if index >= len(self.lora_a) or self.lora_a[index] is None:
-                continue  # this adapter does not target this module
-            a, b = self.lora_a[index], self.lora_b[index]
-            if rows is None:
-                out = out + (x @ a.t()) @ b.t()
-            else:
-                xs = x.index_select(0, rows)  # [rows, T, in]
-                out = out.index_add(0, rows, (xs @ a.t()) @ b.t())
+        out = self.base_forward(x)
+        rows = self.rows
+        if rows.uniform is not None:
+            i = rows.uniform
+            if i < len(self.lora_a) and self.lora_a[i] is not None:
+                out = out + (x @ self.lora_a[i].t()) @ self.lora_b[i].t()
+        elif rows.rank_mask is not None:
+            a, b = self.stacked()
+            h = x @ a.t()  # [B, T, sum r]
+            h = h * rows.rank_mask.to(h.dtype).unsqueeze(1)
+            out = out + h @ b.t()
         return out
 
     def extra_repr(self) -> str:

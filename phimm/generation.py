@@ -118,49 +118,82 @@ class Step:
     time: float
 
 
-def run_batch(model, input_ids: Sequence[Sequence[int]], embeds_fn, routes_adapters: Sequence[str | None],
-              opts: GenerationOptions, eos_ids: Sequence[int], pad_id: int) -> Iterator[Step]:
-    """Prefill a left-padded batch and decode it step by step; yields after every step.
+def prefill_groups(input_ids: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[list[int]]:
+    """Rows that can be prefilled together without padding: same length and same adapter (in first-seen order)."""
+    groups: dict[tuple[int, str | None], list[int]] = {}
+    for i, (ids, adapter) in enumerate(zip(input_ids, adapters)):
+        groups.setdefault((len(ids), adapter), []).append(i)
+    return list(groups.values())
 
-    `embeds_fn(ids [B, T]) -> [B, T, D]` builds input embeddings (tokens with media features scattered in).
-    Each row's positions count from its own first token, so a row gives the same result as alone.
+
+def run_batch(model, input_ids: Sequence[Sequence[int]], embeds_fn, adapters: Sequence[str | None],
+              opts: GenerationOptions, eos_ids: Sequence[int], pad_id: int) -> Iterator[Step]:
+    """Generate for a batch whose rows each have their own adapter; yields after every step.
+
+    Prefill runs per group of equal-length rows on one adapter (no padding is computed, and each row sees
+    exactly what it would alone); the rows' caches are then merged, left-padded and masked, and decoding runs
+    all rows together, each with its own adapter. `embeds_fn(rows, ids [k, T]) -> [k, T, D]` builds input
+    embeddings (tokens with media features scattered in) for the given row indices.
     """
+    from .cache import PreallocatedCache
+
     device = model.device
     B = len(input_ids)
-    T = max(len(x) for x in input_ids)
-    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, T), dtype=torch.long, device=device)
-    for i, row in enumerate(input_ids):
-        ids[i, T - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, T - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    lengths = [len(x) for x in input_ids]
+    n_layers = model.config.num_hidden_layers
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     generator = None
     if opts.do_sample:
         generator = torch.Generator(device=device)
         generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
 
-    model.set_row_adapters(routes_adapters)
-    cache = model.new_cache()
-    embeds = embeds_fn(ids)
-    hidden = model.decode(embeds, mask, positions, cache)
-    logits = model.logits(hidden[:, -1])  # [B, V]
+    # ---- prefill ----
+    logits = [None] * B
+    row_cache: list[tuple[object, int]] = [None] * B  # (cache, row inside it)
+    single = B == 1
+    for rows in prefill_groups(input_ids, adapters):
+        ids = torch.tensor([input_ids[i] for i in rows], dtype=torch.long, device=device)
+        k, T = ids.shape
+        cache = PreallocatedCache(n_layers, T + (opts.max_new_tokens if single else 0))
+        model.set_row_adapters([adapters[rows[0]]] * k)
+        pos = torch.arange(T, device=device).expand(k, T)
+        hidden = model.decode(embeds_fn(rows, ids), torch.ones_like(ids), pos, cache)
+        last = model.logits(hidden[:, -1])  # [k, V]
+        for j, i in enumerate(rows):
+            logits[i] = last[j]
+            row_cache[i] = (cache, j)
+    logits = torch.stack(logits)
+    if single:
+        cache = row_cache[0][0]
+    else:
+        cache = PreallocatedCache.from_rows([c for c, _ in row_cache], [j for _, j in row_cache], lengths,
+                                            extra=opts.max_new_tokens)
+    T = max(lengths)
+    mask = torch.zeros((B, T + opts.max_new_tokens), dtype=torch.long, device=device)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:T] = 1
+    next_pos = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]  # [B, 1]
+
+    # ---- decode ----
+    model.set_row_adapters(adapters)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.empty((B, 0), dtype=torch.long, device=device)
-    next_pos = positions[:, -1:] + 1
-    for step in range(opts.max_new_tokens):
-        raw = logits.float()
-        scores = process_logits(raw, generated, step, opts, eos)
-        tokens = choose(scores, opts, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        generated = torch.cat([generated, tokens[:, None]], dim=1)
-        finished = finished | torch.isin(tokens, eos)
-        done = bool(finished.all()) or step == opts.max_new_tokens - 1
-        yield Step(step, tokens.tolist(), finished.tolist(), raw if opts.output_logits else None, time.perf_counter())
-        if done:
-            break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-        hidden = model.decode(model.embed_tokens(tokens[:, None]), mask, next_pos, cache)
-        logits = model.logits(hidden[:, -1])
-        next_pos = next_pos + 1
-    model.rows.clear()
+    try:
+        for step in range(opts.max_new_tokens):
+            raw = logits.float()
+            scores = process_logits(raw, generated, step, opts, eos)
+            tokens = choose(scores, opts, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+            generated = torch.cat([generated, tokens[:, None]], dim=1)
+            finished = finished | torch.isin(tokens, eos)
+            done = bool(finished.all()) or step == opts.max_new_tokens - 1
+            yield Step(step, tokens.tolist(), finished.tolist(), raw if opts.output_logits else None,
+                       time.perf_counter())
+            if done:
+                break
+            mask[:, T + step] = 1
+            hidden = model.decode(model.embed_tokens(tokens[:, None]), mask[:, : T + step + 1], next_pos, cache)
+            logits = model.logits(hidden[:, -1])
+            next_pos = next_pos + 1
+    finally:
+        model.rows.clear()

@@ -99,12 +99,15 @@ class Phi4MMComposition(nn.Module):
             self._targets[path].set_adapter_weights(index, a, b, adapter.scale)
         self.adapter_names.append(adapter.name)
         self.adapter_info[adapter.name] = adapter
+        self.rows.ranks.append(adapter.r)
+        for mod in self._targets.values():
+            mod._stacked = None
 
     def adapter_index(self, name: str | None) -> int | None:
         return None if name is None else self.adapter_names.index(name)
 
     def set_row_adapters(self, names: Sequence[str | None]) -> None:
-        self.rows.set([self.adapter_index(n) for n in names], device=self.device)
+        self.rows.set([self.adapter_index(n) for n in names], device=self.device, dtype=self.dtype)
 
     def export_adapter(self, name: str) -> LoraAdapter:
         """The adapter as loaded (its original tensors), for saving."""

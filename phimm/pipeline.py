@@ -90,15 +90,16 @@ class Pipeline:
     def _embeds(self, rows: Sequence[Prepared], routes: Sequence[Route]):
         model = self.model
 
-        def embeds_fn(ids: torch.Tensor) -> torch.Tensor:
-            emb = model.embed_tokens(ids)  # [B, T, D]
-            for i, (row, route) in enumerate(zip(rows, routes)):
+        def embeds_fn(indices: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
+            emb = model.embed_tokens(ids)  # [k, T, D]
+            for j, i in enumerate(indices):
+                row, route = rows[i], routes[i]
                 if row.images:
-                    feats = torch.cat([model.image_features(img) for img in row.images]).to(emb.dtype)
-                    emb[i, ids[i] == model.image_token_id] = feats
+                    feats = torch.cat([model.image_features(img) for img in row.images])
+                    emb[j, ids[j] == model.image_token_id] = feats.to(emb.dtype)
                 if row.audios:
                     feats = torch.cat([model.audio_features(a, route.audio_projector) for a in row.audios])
-                    emb[i, ids[i] == model.audio_token_id] = feats.to(emb.dtype)
+                    emb[j, ids[j] == model.audio_token_id] = feats.to(emb.dtype)
             return emb
 
         return embeds_fn
