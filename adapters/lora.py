@@ -112,6 +112,8 @@ class LoraLinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         self.rows = rows
+        self.int8 = None  # a quantized stand-in for `weight` (phimm.quant), or None
+        self.compute_dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
         self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r], scale folded in
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -124,15 +126,15 @@ class LoraLinear(nn.Module):
         if a is None:
             self.lora_a[index] = self.lora_b[index] = None
             return
-        dt = self.weight.dtype if self.weight.is_floating_point() else torch.float32
-        self.lora_a[index] = a.detach().to(device=self.weight.device, dtype=dt).contiguous()
-        self.lora_b[index] = (b.detach().to(device=self.weight.device, dtype=torch.float32) * scale).to(dt).contiguous()
+        dt, dev = self.lora_dtype, self.lora_device
+        self.lora_a[index] = a.detach().to(device=dev, dtype=dt).contiguous()
+        self.lora_b[index] = (b.detach().to(device=dev, dtype=torch.float32) * scale).to(dt).contiguous()
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All adapters' A `[sum r, in]` and B `[out, sum r]` side by side (zeros for adapters not targeting
         this module), in the order of `rows.ranks`."""
         if self._stacked is None:
-            dt, dev = self.lora_dtype, self.weight.device
+            dt, dev = self.lora_dtype, self.lora_device
             a_parts, b_parts = [], []
             for i, r in enumerate(self.rows.ranks):
                 a = self.lora_a[i] if i < len(self.lora_a) else None
@@ -144,16 +146,29 @@ class LoraLinear(nn.Module):
 
     @property
     def lora_dtype(self) -> torch.dtype:
-        return self.weight.dtype if self.weight.is_floating_point() else torch.float32
+        return self.compute_dtype
+
+    @property
+    def lora_device(self) -> torch.device:
+        return self.weight.device if self.weight is not None else torch.device("cpu")
+
+    def quantize_base(self, quantized) -> None:
+        """Replace the base weight by a quantized stand-in (callable on x); adapters stay as they are."""
+        self.int8 = quantized
+        self.weight = None
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
+        if self.weight is not None and self.weight.is_floating_point():
+            self.compute_dtype = self.weight.dtype
         self.lora_a = [None if t is None else fn(t) for t in self.lora_a]
         self.lora_b = [None if t is None else fn(t) for t in self.lora_b]
         self._stacked = None
         return out
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return self.int8(x)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,11 +74,11 @@ class Phi4MMComposition(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.hf.lm_head.weight.dtype
+        return self.decoder.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.hf.lm_head.weight.device
+        return self.decoder.embed_tokens.weight.device
 
     def audio_projectors(self) -> set[AudioProjector]:
         return {AudioProjector.SPEECH, AudioProjector.VISION_SPEECH}

@@ -14,7 +14,7 @@ from adapters import save_peft_adapter
 from routers import Route, resolve_router
 
 from . import checkpoint
-from .errors import PhimmError, PromptError, RouteError, UnknownAdapterError
+from .errors import CheckpointError, PhimmError, PromptError, RouteError, UnknownAdapterError
 from .generation import GenerationOptions, run_batch
 from .model import Phi4MMComposition
 from .processor import Prepared, Processor
@@ -186,6 +186,8 @@ class Pipeline:
     # ---- saving --------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """Write phimm's layout (transformers-native files + `phimm.json`); `phimm.load(path)` reads it back."""
+        if getattr(self.model, "quantized", None):
+            raise CheckpointError("a quantized pipeline cannot be saved: save the one it was loaded from")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.hf.save_pretrained(str(path))
@@ -202,11 +204,12 @@ class Pipeline:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype="float32", router=None, *,
          threads: int | None = None, device_map=None, allow_pickle: bool = False, adapters=None,
-         **generation) -> Pipeline:
+         quantize: str | None = None, **generation) -> Pipeline:
     """Load a checkpoint (transformers-native or original Phi-4-multimodal layout, or phimm's own) into a
     `Pipeline`. `path=None` loads the embedded default model. `router`: a callable or class mapping a
     `RouteInput` to a `Route` (default: the modality table). `adapters`: names to attach (default: all the
-    checkpoint has; `[]` for the base model alone). Extra keyword arguments set generation defaults."""
+    checkpoint has; `[]` for the base model alone). `quantize="int8"` stores the base decoder's projections and
+    output head in int8 (adapters stay in full precision). Extra keyword arguments set generation defaults."""
     torch.set_num_threads(threads or default_threads())
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():
@@ -224,6 +227,12 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
             raise UnknownAdapterError(f"adapters {missing} are not in {path}; it has {sorted(chosen)}")
         chosen = {n: chosen[n] for n in adapters}
     model = Phi4MMComposition(loaded.hf_model, chosen)
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        from .quant import quantize_int8
+
+        quantize_int8(model)
     processor = Processor.from_pretrained(path, model.config)
     gen_defaults = dict(loaded.meta.get("generation", {}))
     gen_defaults.update(generation)

@@ -1,0 +1,403 @@
+"""`phimm bench`: phimm against transformers + peft on the same random weights, in one process, interleaved.
+
+Workloads: 16 mixed requests (4 each of text / image / audio / image + audio), single requests per route, batch-1
+text decode against the measured memory bandwidth, and int8 against bf16. Writes a JSON file and a Markdown
+table. Not a test: figures depend on the machine; ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIZES = {
+    # CI smoke run: seconds
+    "quick": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384, vision_hidden=32, vision_layers=1,
+                  audio_hidden=32, audio_blocks=1, lora=8, vocab=None, image=(320, 240), audio_s=1.0, new=8),
+    # the issue's reference measurement: ~209M parameters
+    "209m": dict(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=3584, vision_hidden=256,
+                 vision_layers=4, audio_hidden=256, audio_blocks=4, lora=64, vocab=32000, image=(640, 480),
+                 audio_s=4.0, new=32),
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth (GB/s) of this process's threads: best of `repeats` sums over a buffer far larger than
+    the caches."""
+    x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def make_checkpoint(size: str, root: Path) -> Path:
+    from .testing import make_tiny_checkpoint
+
+    spec = SIZES[size]
+    ckpt = root / f"bench-{size}"
+    if (ckpt / "config.json").is_file() and (ckpt / "speech-lora").is_dir():
+        return ckpt
+    overrides = {k: spec[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_hidden",
+                                      "vision_layers", "audio_hidden", "audio_blocks")}
+    if spec["vocab"]:
+        overrides["vocab_size"] = spec["vocab"]
+    make_tiny_checkpoint(ckpt, seed=0, lora_ranks={"vision": spec["lora"], "speech": spec["lora"]}, **overrides)
+    return ckpt
+
+
+def workload(spec, seed: int = 0):
+    """16 requests: 4 each of text, image, audio, image + audio (chat-formatted prompts, raw placeholders)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = spec["image"]
+    reqs = []
+    for i in range(4):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        t = np.arange(int(spec["audio_s"] * 16000)) / 16000
+        aud = ((0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t)) + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
+        reqs.append(("text", f"<|user|>what color is the circle number {i}<|end|><|assistant|>", [], []))
+        reqs.append(("image", "<|user|><|endoftext10|>what shape is the red one<|end|><|assistant|>", [img], []))
+        reqs.append(("audio", "<|user|><|endoftext11|>Transcribe the audio clip into text.<|end|><|assistant|>", [],
+                     [(aud, 16000)]))
+        reqs.append(("image+audio", "<|user|><|endoftext10|><|endoftext11|>Answer the spoken question about the "
+                     "image.<|end|><|assistant|>", [img], [(aud, 16000)]))
+    return reqs
+
+
+ADAPTER = {"text": None, "image": "vision", "audio": "speech", "image+audio": "vision"}
+
+
+class Reference:
+    """transformers' Phi4MultimodalForCausalLM + peft adapters, switched by hand (`set_adapter`)."""
+
+    def __init__(self, ckpt: Path, dtype: torch.dtype):
+        from peft import PeftModel
+        from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
+
+        base = Phi4MultimodalForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
+        model = PeftModel.from_pretrained(base, str(ckpt / "vision-lora"), adapter_name="vision")
+        model.load_adapter(str(ckpt / "speech-lora"), adapter_name="speech")
+        self.model = model.eval()
+        self.processor = Phi4MultimodalProcessor.from_pretrained(str(ckpt))
+        self.processor.tokenizer.padding_side = "left"
+
+    def _ctx(self, adapter):
+        if adapter is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+    def run(self, batch, new_tokens: int):
+        """One generate call for requests of one route (as its users batch them)."""
+        kind = batch[0][0]
+        kwargs = {}
+        images = [i for r in batch for i in r[2]]
+        audios = [a for r in batch for a, _ in r[3]]
+        if images:
+            kwargs["images"] = images
+        if audios:
+            kwargs["audio"] = audios
+            kwargs["sampling_rate"] = 16000
+        inputs = self.processor(text=[r[1] for r in batch], return_tensors="pt", padding=True, **kwargs)
+        with torch.inference_mode(), self._ctx(ADAPTER[kind]):
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+
+def to_request(r):
+    import phimm
+
+    return phimm.Request(prompt=r[1], images=r[2], audios=r[3])
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def run(args) -> dict:
+    import phimm
+
+    torch.set_num_threads(args.threads)
+    spec = dict(SIZES[args.size])
+    if args.new_tokens:
+        spec["new"] = args.new_tokens
+    new = spec["new"]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] size={args.size} dtype={args.dtype} threads={args.threads}", flush=True)
+    ckpt = make_checkpoint(args.size, root)
+    bandwidth = measure_bandwidth()
+    print(f"[bench] read bandwidth {bandwidth:.1f} GB/s", flush=True)
+
+    rss0 = rss_mb()
+    pipe = phimm.load(ckpt, dtype=args.dtype, threads=args.threads)
+    rss_phimm = rss_mb() - rss0
+    rss1 = rss_mb()
+    ref = Reference(ckpt, dtype)
+    rss_ref = rss_mb() - rss1
+    n_params = sum(p.numel() for p in ref.model.get_base_model().parameters())
+    reqs = workload(spec)
+    results: dict = {"config": {"size": args.size, "dtype": args.dtype, "threads": args.threads, "new_tokens": new,
+                                "parameters": n_params, "image": spec["image"], "audio_s": spec["audio_s"],
+                                "lora_rank": spec["lora"], "torch": torch.__version__}}
+
+    # ---- mixed workload, interleaved ----
+    times = {"phimm": [], "one_at_a_time": [], "per_modality": []}
+    for rep in range(args.repeats):
+        t, outs = timed(lambda: pipe([to_request(r) for r in reqs], max_new_tokens=new, min_new_tokens=new))
+        times["phimm"].append(t)
+        t, _ = timed(lambda: [ref.run([r], new) for r in reqs])
+        times["one_at_a_time"].append(t)
+        t, _ = timed(lambda: [ref.run([r for r in reqs if r[0] == k], new) for k in ADAPTER])
+        times["per_modality"].append(t)
+        print(f"[bench] mixed rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    ref_best = min(best["one_at_a_time"], best["per_modality"])
+    total_tokens = 16 * new
+    results["mixed"] = {
+        "phimm_s": best["phimm"], "reference_one_at_a_time_s": best["one_at_a_time"],
+        "reference_per_modality_s": best["per_modality"], "reference_best_s": ref_best,
+        "speedup": ref_best / best["phimm"], "phimm_requests_per_s": 16 / best["phimm"],
+        "phimm_tokens_per_s": total_tokens / best["phimm"], "reference_tokens_per_s": total_tokens / ref_best,
+    }
+
+    # ---- every row equals the same request alone (fp32) ----
+    check = phimm.load(ckpt, dtype="float32", threads=args.threads)
+    check_new = min(new, 8)
+    batch = check([to_request(r) for r in reqs], max_new_tokens=check_new, output_logits=True)
+    match, worst = 0, 0.0
+    for r, b in zip(reqs, batch):
+        alone = check(to_request(r), max_new_tokens=check_new, output_logits=True)
+        match += int(alone.token_ids == b.token_ids)
+        worst = max(worst, (alone.logits[0] - b.logits[0]).abs().max().item())
+    results["mixed"]["rows_match"] = match == len(reqs)
+    results["mixed"]["rows_matching"] = f"{match}/{len(reqs)}"
+    results["mixed"]["max_first_logit_diff_fp32"] = worst
+    del check
+
+    # ---- single requests per route, interleaved ----
+    single = {}
+    for kind in ADAPTER:
+        r = next(x for x in reqs if x[0] == kind)
+        p_ttft, p_dec, r_ttft, r_dec = [], [], [], []
+        for _ in range(2):
+            o = pipe(to_request(r), max_new_tokens=new, min_new_tokens=new)
+            p_ttft.append(o.ttft_s)
+            p_dec.append(o.tokens_per_s)
+            t1, _ = timed(lambda: ref.run([r], 1))
+            tn, _ = timed(lambda: ref.run([r], new))
+            r_ttft.append(t1)
+            r_dec.append((new - 1) / max(tn - t1, 1e-9))
+        single[kind] = {"phimm_ttft_s": min(p_ttft), "reference_ttft_s": min(r_ttft),
+                        "phimm_decode_tok_s": max(p_dec), "reference_decode_tok_s": max(r_dec),
+                        "ttft_ratio": min(p_ttft) / min(r_ttft),
+                        "decode_ratio": max(r_dec) / max(p_dec)}  # phimm time per token / reference time per token
+        print(f"[bench] single {kind}: {single[kind]}", flush=True)
+    results["single"] = single
+
+    # ---- batch-1 decode against the memory bandwidth ----
+    weight_bytes = decode_weight_bytes(pipe.model)
+    dec = max(pipe("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
+              for _ in range(2))
+    results["decode_bandwidth_fraction"] = weight_bytes * dec / (bandwidth * 1e9)
+    results["bandwidth_gbs"] = bandwidth
+    results["decode_tok_s"] = dec
+    results["decode_weight_bytes"] = weight_bytes
+    results["memory"] = {"phimm_weights_rss_mb": rss_phimm, "reference_weights_rss_mb": rss_ref,
+                         "peak_rss_mb": peak_rss_mb()}
+
+    # ---- int8 ----
+    del ref
+    q = phimm.load(ckpt, dtype=args.dtype, threads=args.threads, quantize="int8")
+    from .quant import quantize_int8  # noqa: F401  (documents where the figures come from)
+
+    q_bytes = decode_weight_bytes(q.model)
+    q_dec = max(q("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
+                for _ in range(2))
+    agreement, logit_diff, where = int8_agreement(args, q if not _embedded_available() else None, pipe)
+    results["int8"] = {"decode_speedup": q_dec / dec, "bytes_ratio": q_bytes / weight_bytes, "agreement": agreement,
+                       "max_logit_diff": logit_diff, "agreement_on": where, "decode_tok_s": q_dec}
+    results["memory"]["peak_rss_mb"] = peak_rss_mb()
+    return results
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: the decoder's projections, norms and the output head."""
+    from adapters import LoraLinear
+
+    from .quant import Int8Linear
+
+    total = 0
+    for mod in list(model.hf.model.layers.modules()) + [model.hf.model.norm, model.hf.lm_head]:
+        if isinstance(mod, LoraLinear):
+            total += mod.int8.nbytes if mod.int8 is not None else mod.weight.numel() * mod.weight.element_size()
+        elif isinstance(mod, Int8Linear):
+            total += mod.int8.nbytes
+        elif isinstance(mod, torch.nn.Linear) or hasattr(mod, "variance_epsilon"):
+            total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+    return total
+
+
+def _embedded_available() -> bool:
+    from .pipeline import EMBEDDED_DIR
+
+    return (EMBEDDED_DIR / "config.json").is_file()
+
+
+def int8_agreement(args, q_pipe, bf16_pipe, n_prompts: int = 24, steps: int = 8):
+    """Greedy next-token agreement of int8 with bf16, teacher-forced on bf16's own continuation, on the embedded
+    model's held-out prompts when it is shipped (else on the bench model's prompts)."""
+    import phimm
+
+    if q_pipe is None:
+        bf16_pipe = phimm.load(None, dtype=args.dtype, threads=args.threads)
+        q_pipe = phimm.load(None, dtype=args.dtype, threads=args.threads, quantize="int8")
+        reqs = _heldout_requests(n_prompts)
+        where = "embedded model, held-out toy-domain requests"
+    else:
+        reqs = [to_request(r) for r in workload(SIZES[args.size], seed=1)]
+        where = "bench model, workload requests"
+    agree = total = 0
+    worst = 0.0
+    for req in reqs:
+        a = bf16_pipe(req, max_new_tokens=steps, output_logits=True)
+        b = q_pipe(req, max_new_tokens=steps, output_logits=True)
+        # compare step by step while the two continuations are identical (teacher forcing without a re-run)
+        for la, lb in zip(a.logits, b.logits):
+            total += 1
+            agree += int(la.argmax() == lb.argmax())
+            worst = max(worst, (la.float() - lb.float()).abs().max().item())
+            if la.argmax() != lb.argmax():
+                break
+    return agree / max(total, 1), worst, where
+
+
+def _heldout_requests(n: int):
+    import phimm
+    from .toy.data import make_split
+
+    reqs = []
+    for kind in ("vqa", "asr", "text"):
+        for s in make_split(kind, n // 3, seed=4242, heldout=True):
+            reqs.append(_toy_request(phimm, kind, s))
+    return reqs
+
+
+def _toy_request(phimm, kind, s):
+    if kind == "text":
+        return phimm.Request(messages=[{"role": "user", "content": s["prompt"]}])
+    parts = []
+    if "image" in s:
+        parts.append({"type": "image", "image": s["image"]})
+    if "audio" in s:
+        parts.append({"type": "audio", "audio": s["audio"]})
+    text = s.get("question") if kind == "vqa" else "Transcribe the audio clip into text."
+    parts.append({"type": "text", "text": text})
+    return phimm.Request(messages=[{"role": "user", "content": parts}])
+
+
+def markdown(results: dict, command: str) -> str:
+    m, s = results["mixed"], results["single"]
+    c = results["config"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Model: {c['parameters'] / 1e6:.0f}M parameters (random weights), {c['dtype']}, {c['threads']} thread(s), "
+        f"{c['new_tokens']} new tokens, LoRA r={c['lora_rank']}, image {c['image'][0]}x{c['image'][1]}, "
+        f"audio {c['audio_s']} s, torch {c['torch']}.",
+        "",
+        "| workload | phimm | transformers + peft | ratio |",
+        "|---|---|---|---|",
+        f"| 16 mixed requests, wall time | {m['phimm_s']:.2f} s | {m['reference_best_s']:.2f} s (best of one-at-a-time "
+        f"{m['reference_one_at_a_time_s']:.2f} s / per-modality batches {m['reference_per_modality_s']:.2f} s) | "
+        f"{m['speedup']:.2f}x faster |",
+        f"| 16 mixed requests, requests/s | {m['phimm_requests_per_s']:.2f} | {16 / m['reference_best_s']:.2f} | |",
+        f"| 16 mixed requests, tokens/s | {m['phimm_tokens_per_s']:.1f} | {m['reference_tokens_per_s']:.1f} | |",
+        f"| every batch row equals the request alone (fp32) | {m['rows_matching']} rows, max first-step logit diff "
+        f"{m['max_first_logit_diff_fp32']:.1e} | | |",
+    ]
+    for kind, v in s.items():
+        lines.append(f"| {kind}: time to first token | {v['phimm_ttft_s']:.3f} s | {v['reference_ttft_s']:.3f} s | "
+                     f"{v['ttft_ratio']:.2f} (phimm / ref) |")
+        lines.append(f"| {kind}: decode tokens/s | {v['phimm_decode_tok_s']:.1f} | {v['reference_decode_tok_s']:.1f} | "
+                     f"{v['decode_ratio']:.2f} (phimm time / ref time) |")
+    q = results["int8"]
+    lines += [
+        f"| batch-1 text decode | {results['decode_tok_s']:.1f} tok/s = {100 * results['decode_bandwidth_fraction']:.0f} % "
+        f"of {results['bandwidth_gbs']:.1f} GB/s ({results['decode_weight_bytes'] / 1e6:.0f} MB/token) | | |",
+        f"| int8 batch-1 decode | {q['decode_tok_s']:.1f} tok/s ({q['decode_speedup']:.2f}x bf16), weights "
+        f"{q['bytes_ratio']:.2f}x, next-token agreement {100 * q['agreement']:.1f} % ({q['agreement_on']}) | | |",
+        f"| memory | weights RSS {results['memory']['phimm_weights_rss_mb']:.0f} MB | "
+        f"{results['memory']['reference_weights_rss_mb']:.0f} MB | peak RSS of the run {results['memory']['peak_rss_mb']:.0f} MB |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="209m", choices=sorted(SIZES))
+    p.add_argument("--quick", action="store_true", help="the smallest size (CI smoke run)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--workdir", default="runs", help="where the random checkpoints are written (reused)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, help="write the Markdown table here")
+
+
+def cmd_bench(args) -> int:
+    if args.quick:
+        args.size = "quick"
+    results = run(args)
+    command = "phimm bench " + " ".join(os.sys.argv[2:]) if os.sys.argv[1:2] == ["bench"] else "phimm bench"
+    table = markdown(results, command)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="phimm vs transformers + peft on the same random weights")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phimm.bench")
+    add_arguments(p)
+    return cmd_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""int8 quantization of the frozen base's linear layers; LoRA adapters stay in full precision.
+
+Weights are stored as int8 with one scale per output channel (symmetric, absmax / 127), 0.25x fp32 or 0.5x
+bf16 bytes. On CPU the matmul runs in fbgemm's int8 kernels: each input row is quantized on the fly (one scale
+per row, the `linear_dynamic` path) so the product is an int8 x int8 dot with an fp32 result; the weight-only
+`_weight_int8pack_mm` kernel is the fallback where fbgemm is missing. Only the decoder's projections and the
+output head are quantized: the encoders, projectors, norms and embeddings keep their dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters import LoraLinear
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: returns (int8 weight [out, in], fp32 scales [out])."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def _fbgemm_ok() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Int8Weight:
+    """A frozen weight in int8 and the kernel that multiplies by it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_weight(weight)
+        self.bias = None if bias is None else bias.detach().float()
+        self.use_fbgemm = _fbgemm_ok() and weight.device.type == "cpu"
+        if self.use_fbgemm:
+            torch.backends.quantized.engine = "fbgemm"
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+            self.nbytes = q.numel() + scale.numel() * 4
+        else:
+            self.q, self.scale = q, scale
+            self.nbytes = q.numel() + scale.numel() * 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.use_fbgemm:
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, True)
+        else:
+            act = x2 if x2.dtype in (torch.bfloat16, torch.float16) else x2.to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(act, self.q, self.scale.to(act.dtype)).float()
+            if self.bias is not None:
+                y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for a frozen `nn.Linear` (the output head)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.int8 = Int8Weight(base.weight, base.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.int8(x)
+
+
+def quantize_int8(model) -> dict[str, int]:
+    """Quantize `model` (a `Phi4MMComposition`) in place: every decoder projection (LoRA-wrapped or not) and the
+    output head. Returns the bytes of the quantized weights before and after."""
+    hf = model.hf
+    before = after = 0
+    layers = hf.model.layers
+    for path, mod in list(layers.named_modules()):
+        if isinstance(mod, LoraLinear) and mod.weight is not None and mod.weight.is_floating_point():
+            before += mod.weight.numel() * mod.weight.element_size()
+            mod.quantize_base(Int8Weight(mod.weight, mod.bias))
+            after += mod.int8.nbytes
+        elif type(mod) is nn.Linear:
+            parent_path, _, attr = path.rpartition(".")
+            parent = layers.get_submodule(parent_path) if parent_path else layers
+            before += mod.weight.numel() * mod.weight.element_size()
+            new = Int8Linear(mod)
+            setattr(parent, attr, new)
+            after += new.int8.nbytes
+    head = hf.lm_head
+    if isinstance(head, nn.Linear):
+        before += head.weight.numel() * head.weight.element_size()
+        hf.lm_head = Int8Linear(head)  # the embedding keeps its own (tied) weight for the look-up
+        after += hf.lm_head.int8.nbytes
+    model.quantized = "int8"
+    return {"bytes_before": before, "bytes_after": after}
