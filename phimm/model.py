@@ -7,6 +7,8 @@ and its attention); phimm only decides, per row, which projector and which adapt
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +43,48 @@ class AudioInput:
     seconds: float
 
 
+class FeatureCache:
+    """Encoder + projector outputs of recently seen media (a multi-turn chat about one image encodes it once).
+    Keyed by a hash of the processed input, so a hit returns exactly what the encoder would."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(*parts) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for p in parts:
+            if isinstance(p, torch.Tensor):
+                t = p.detach().cpu().contiguous()
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+            else:
+                h.update(repr(p).encode())
+        return h.digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        hit = self.entries.get(key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return hit
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class Phi4MMComposition(nn.Module):
     """The Phi-4-multimodal family: transformers' `Phi4MultimodalForCausalLM` as the module tree (so its
     checkpoints load as they are), with per-row LoRA and per-row audio projectors added around it."""
@@ -56,6 +100,7 @@ class Phi4MMComposition(nn.Module):
         self.adapter_names: list[str] = []
         self.adapter_info: dict[str, LoraAdapter] = {}
         self._targets: dict[str, LoraLinear] = {}
+        self.feature_cache = FeatureCache()
         for adapter in dict(adapters).values():
             self.add_adapter(adapter)
 
@@ -117,23 +162,60 @@ class Phi4MMComposition(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
 
-    def image_features(self, image: ImageInput) -> torch.Tensor:
-        """`[num_tokens, hidden]` LM embeddings of one image (SigLIP -> HD arrangement -> projector)."""
+    def image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """`[num_tokens, hidden]` LM embeddings for each image: all crops of all images through SigLIP in one
+        call (crops are independent, so no padding crops are computed), then each image's HD layout — sub-crop
+        grid with a separator per row, the global separator, the global crop with a separator per row — and the
+        projector, as transformers' `Phi4MultimodalImageEmbedding` lays them out."""
+        keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size) for img in images]
+        cached = [self.feature_cache.get(k) for k in keys]
+        todo = [img for img, c in zip(images, cached) if c is None]
+        fresh = iter(self._image_features(todo) if todo else [])
+        out = []
+        for k, c in zip(keys, cached):
+            if c is None:
+                c = next(fresh)
+                self.feature_cache.put(k, c)
+            out.append(c)
+        return out
+
+    def _image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
         emb = self.decoder.embed_tokens_extend.image_embed
-        n = image.num_tokens
-        ids = torch.full((1, n), self.image_token_id, device=self.device)
-        zeros = torch.zeros(1, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        out = emb(
-            ids,
-            zeros,
-            image_pixel_values=image.pixel_values.unsqueeze(0).to(self.device),
-            image_sizes=torch.tensor([image.size], device=self.device),
-            image_attention_mask=image.attention_mask.unsqueeze(0).to(self.device),
-        )
-        return out[0]
+        dtype = emb.img_processor.embeddings.patch_embedding.weight.dtype
+        crops = torch.cat([img.pixel_values for img in images]).to(self.device, dtype)
+        masks = torch.cat([img.attention_mask for img in images]).to(self.device, torch.bool)
+        feats = emb.get_img_features(crops, attention_mask=masks)  # [crops, f*f, C]
+        f = int(round(feats.shape[1] ** 0.5))
+        C = feats.shape[-1]
+        crop = emb.crop_size
+        out, start = [], 0
+        for img in images:
+            n = img.pixel_values.shape[0]
+            h_ratio, w_ratio = img.size[0] // crop, img.size[1] // crop
+            own = feats[start : start + n]
+            start += n
+            glb = own[0].reshape(f, f, C)
+            glb = torch.cat([glb, emb.sub_img_feature_extensor[0].expand(f, 1, C)], dim=1).reshape(-1, C)
+            sub = own[1 : 1 + h_ratio * w_ratio].reshape(h_ratio, w_ratio, f, f, C)
+            sub = sub.transpose(1, 2).reshape(h_ratio * f, w_ratio * f, C)
+            grid = img.attention_mask[1 : 1 + h_ratio * w_ratio, 0::2, 0::2]
+            grid = grid.reshape(h_ratio, w_ratio, f, f).transpose(1, 2).reshape(h_ratio * f, w_ratio * f)
+            useful_h, useful_w = int(grid[:, 0].sum()), int(grid[0, :].sum())
+            sub = sub[:useful_h, :useful_w]
+            sub = torch.cat([sub, emb.sub_img_feature_extensor[0].expand(useful_h, 1, C)], dim=1).reshape(-1, C)
+            layout = torch.cat([sub, emb.global_img_feature_extensor[0], glb])  # [num_tokens, C]
+            proj = emb.img_projection_down(nn.functional.gelu(emb.img_projection_up(layout.contiguous())))
+            if proj.shape[0] != img.num_tokens:
+                raise RouteError(f"image features give {proj.shape[0]} tokens, the prompt has {img.num_tokens}")
+            out.append(proj)
+        return out
 
     def audio_features(self, audio: AudioInput, projector: AudioProjector) -> torch.Tensor:
         """`[num_tokens, hidden]` LM embeddings of one clip through the chosen projector."""
+        key = self.feature_cache.key(audio.features, projector.value)
+        hit = self.feature_cache.get(key)
+        if hit is not None:
+            return hit
         emb = self.decoder.embed_tokens_extend.audio_embed
         n = audio.num_tokens
         ids = torch.full((1, n), self.audio_token_id, device=self.device)
@@ -147,6 +229,7 @@ class Phi4MMComposition(nn.Module):
             audio_attention_mask=None,
             audio_projection_mode=mode,
         )
+        self.feature_cache.put(key, out[0])
         return out[0]
 
     # ---- decoder -------------------------------------------------------------------------------------------

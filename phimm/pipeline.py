@@ -92,10 +92,12 @@ class Pipeline:
 
         def embeds_fn(indices: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
             emb = model.embed_tokens(ids)  # [k, T, D]
+            images = [img for i in indices for img in rows[i].images]
+            image_feats = iter(model.image_features(images)) if images else None
             for j, i in enumerate(indices):
                 row, route = rows[i], routes[i]
                 if row.images:
-                    feats = torch.cat([model.image_features(img) for img in row.images])
+                    feats = torch.cat([next(image_feats) for _ in row.images])
                     emb[j, ids[j] == model.image_token_id] = feats.to(emb.dtype)
                 if row.audios:
                     feats = torch.cat([model.audio_features(a, route.audio_projector) for a in row.audios])
@@ -186,8 +188,9 @@ class Pipeline:
     # ---- saving --------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """Write phimm's layout (transformers-native files + `phimm.json`); `phimm.load(path)` reads it back."""
-        if getattr(self.model, "quantized", None):
-            raise CheckpointError("a quantized pipeline cannot be saved: save the one it was loaded from")
+        if getattr(self.model, "quantized", None) or getattr(self.model, "packed", False):
+            raise CheckpointError("a quantized or packed pipeline cannot be saved: load it with quantize=None and "
+                                  "pack_weights=False to save it")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.hf.save_pretrained(str(path))
@@ -204,12 +207,14 @@ class Pipeline:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype="float32", router=None, *,
          threads: int | None = None, device_map=None, allow_pickle: bool = False, adapters=None,
-         quantize: str | None = None, **generation) -> Pipeline:
+         quantize: str | None = None, pack_weights: bool | None = None, **generation) -> Pipeline:
     """Load a checkpoint (transformers-native or original Phi-4-multimodal layout, or phimm's own) into a
     `Pipeline`. `path=None` loads the embedded default model. `router`: a callable or class mapping a
     `RouteInput` to a `Route` (default: the modality table). `adapters`: names to attach (default: all the
     checkpoint has; `[]` for the base model alone). `quantize="int8"` stores the base decoder's projections and
-    output head in int8 (adapters stay in full precision). Extra keyword arguments set generation defaults."""
+    output head in int8 (adapters stay in full precision). `pack_weights` (default: on for bfloat16 on CPU)
+    re-lays the decoder's weights out for oneDNN's matmul, which reads them faster when decoding; a packed
+    pipeline cannot be saved. Extra keyword arguments set generation defaults."""
     torch.set_num_threads(threads or default_threads())
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():
@@ -233,6 +238,10 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         from .quant import quantize_int8
 
         quantize_int8(model)
+    elif pack_weights or (pack_weights is None and model.dtype == torch.bfloat16 and model.device.type == "cpu"):
+        from .quant import pack_weights as pack
+
+        pack(model)
     processor = Processor.from_pretrained(path, model.config)
     gen_defaults = dict(loaded.meta.get("generation", {}))
     gen_defaults.update(generation)

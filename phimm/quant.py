@@ -94,3 +94,38 @@ def quantize_int8(model) -> dict[str, int]:
         after += hf.lm_head.int8.nbytes
     model.quantized = "int8"
     return {"bytes_before": before, "bytes_after": after}
+
+
+class PackedLinear(nn.Module):
+    """A frozen bf16 `nn.Linear` whose weight copy is laid out for oneDNN (the tied output head: the embedding
+    keeps the original for its look-ups)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(base.weight.detach(), 1)
+        self.bias = base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+HEAD_PACK_LIMIT = 256 * 1024 * 1024  # bytes: a larger tied head is not duplicated
+
+
+def pack_weights(model) -> int:
+    """Lay the decoder's bf16 projection weights out for oneDNN's matmul (CPU), in place; returns how many
+    layers were packed. A no-op for other dtypes or devices."""
+    from adapters import find_targets, wrap_targets
+
+    if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return 0
+    targets = find_targets(model.hf, model.lora_targets)
+    wrapped = wrap_targets(model.hf, targets.keys(), model.rows)
+    n = sum(mod.pack() for mod in wrapped.values())
+    head = model.hf.lm_head
+    if type(head) is nn.Linear and head.weight.numel() * head.weight.element_size() <= HEAD_PACK_LIMIT:
+        model.hf.lm_head = PackedLinear(head)
+        n += 1
+    model.packed = True
+    return n

@@ -1,0 +1,93 @@
+"""Every optimisation gives the outputs of the plain path: packed bf16 weights, int8, the feature cache,
+grouped prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phimm
+from conftest import make_audio, make_image
+
+
+def _reqs():
+    img, aud = make_image(5, size=(300, 300)), make_audio(5, seconds=0.8)
+    return [phimm.Request(prompt="hello there"), phimm.Request(prompt="<|image|>what", images=[img]),
+            phimm.Request(prompt="<|audio|>what", audios=[aud]),
+            phimm.Request(prompt="<|image|><|audio|>what", images=[img], audios=[aud])]
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tiny_ckpt):
+    plain = phimm.load(tiny_ckpt, dtype="bfloat16", pack_weights=False)
+    packed = phimm.load(tiny_ckpt, dtype="bfloat16", pack_weights=True)
+    return plain, packed
+
+
+def test_packed_bf16_matches_plain_bf16(bf16_pair):
+    plain, packed = bf16_pair
+    assert packed.model.packed and any(m.packed is not None for m in packed.model._targets.values())
+    for req in _reqs():
+        a = plain(req, max_new_tokens=4, output_logits=True)
+        b = packed(req, max_new_tokens=4, output_logits=True)
+        scale = a.logits[0].abs().max().item()
+        assert (a.logits[0] - b.logits[0]).abs().max().item() <= 0.02 * scale + 1e-2
+        assert a.token_ids[0] == b.token_ids[0]
+
+
+def test_packed_pipeline_refuses_to_save(bf16_pair, tmp_path):
+    with pytest.raises(phimm.errors.CheckpointError, match="pack_weights=False"):
+        bf16_pair[1].save_pretrained(tmp_path / "x")
+
+
+def test_int8_close_to_full_precision(tiny_ckpt):
+    from phimm.bench import decode_weight_bytes
+
+    full = phimm.load(tiny_ckpt, dtype="bfloat16", pack_weights=False)
+    q = phimm.load(tiny_ckpt, dtype="bfloat16", quantize="int8")
+    # int8 values plus one fp32 scale per output row: at hidden 32 the scales weigh 1/8 of the values
+    assert decode_weight_bytes(q.model) <= 0.6 * decode_weight_bytes(full.model)
+    agree = total = 0
+    for req in _reqs():
+        a = full(req, max_new_tokens=1, output_logits=True)
+        b = q(req, max_new_tokens=1, output_logits=True)
+        scale = a.logits[0].abs().max().item()
+        assert (a.logits[0] - b.logits[0]).abs().max().item() < 0.1 * scale
+        agree += a.token_ids == b.token_ids
+        total += 1
+    assert agree >= total - 1
+    # the adapters still act: vision route differs from the base model on the same image request
+    req = _reqs()[1]
+    forced_base = phimm.Request(prompt=req.prompt, images=req.images, adapter=phimm.Route(None))
+    assert not torch.equal(q(req, max_new_tokens=1, output_logits=True).logits,
+                           q(forced_base, max_new_tokens=1, output_logits=True).logits)
+
+
+def test_feature_cache_returns_what_the_encoder_would(tiny_ckpt):
+    pipe = phimm.load(tiny_ckpt)
+    cache = pipe.model.feature_cache
+    req = _reqs()[3]
+    first = pipe(req, max_new_tokens=3, output_logits=True)
+    misses = cache.misses
+    again = pipe(req, max_new_tokens=3, output_logits=True)
+    assert cache.hits >= 2 and cache.misses == misses  # image and audio both served from the cache
+    assert torch.equal(first.logits, again.logits)
+    cache.capacity = 0
+    cache.clear()
+    cold = pipe(req, max_new_tokens=3, output_logits=True)
+    assert torch.equal(first.logits, cold.logits)
+
+
+def test_grouped_prefill_rows_equal_alone(tiny_pipe):
+    # equal-length text rows on one adapter are prefilled together, image rows with another adapter apart
+    reqs = [phimm.Request(prompt=f"hello number {d}") for d in "123"] + [_reqs()[1]]
+    from phimm.generation import prefill_groups
+
+    prepared = [tiny_pipe.prepare(r) for r in reqs]
+    groups = prefill_groups([p.input_ids for p, _ in prepared], [r.adapter for _, r in prepared])
+    assert sorted(map(len, groups)) == [1, 3]
+    batch = tiny_pipe(reqs, max_new_tokens=4, output_logits=True)
+    for req, got in zip(reqs, batch):
+        alone = tiny_pipe(req, max_new_tokens=4, output_logits=True)
+        assert got.token_ids == alone.token_ids
+        assert (got.logits - alone.logits).abs().max().item() < 1e-5
