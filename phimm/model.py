@@ -22,6 +22,9 @@ from .errors import AdapterError, RouteError
 
 # Phi-4-multimodal's LoRA targets: the four projections of every decoder layer.
 PHI4MM_LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj))"
+# What an adapter may target: any linear layer. In the decoder each batch row gets its own adapter; the encoders
+# run per prefill group, all of whose rows share one adapter, so a LoRA inside an encoder applies as peft would.
+ANY_LINEAR = r".+"
 
 
 @dataclass
@@ -91,7 +94,8 @@ class Phi4MMComposition(nn.Module):
 
     family = "phi4_multimodal"
 
-    def __init__(self, hf_model: nn.Module, adapters: Mapping[str, LoraAdapter] = (), lora_targets: str = PHI4MM_LORA_TARGETS):
+    def __init__(self, hf_model: nn.Module, adapters: Mapping[str, LoraAdapter] = (),
+                 lora_targets: str = ANY_LINEAR):
         super().__init__()
         self.hf = hf_model
         self.config = hf_model.config
@@ -167,7 +171,8 @@ class Phi4MMComposition(nn.Module):
         call (crops are independent, so no padding crops are computed), then each image's HD layout — sub-crop
         grid with a separator per row, the global separator, the global crop with a separator per row — and the
         projector, as transformers' `Phi4MultimodalImageEmbedding` lays them out."""
-        keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size) for img in images]
+        keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size, self.rows.uniform)
+                for img in images]
         cached = [self.feature_cache.get(k) for k in keys]
         todo = [img for img, c in zip(images, cached) if c is None]
         fresh = iter(self._image_features(todo) if todo else [])
@@ -212,7 +217,7 @@ class Phi4MMComposition(nn.Module):
 
     def audio_features(self, audio: AudioInput, projector: AudioProjector) -> torch.Tensor:
         """`[num_tokens, hidden]` LM embeddings of one clip through the chosen projector."""
-        key = self.feature_cache.key(audio.features, projector.value)
+        key = self.feature_cache.key(audio.features, projector.value, self.rows.uniform)
         hit = self.feature_cache.get(key)
         if hit is not None:
             return hit

@@ -120,7 +120,9 @@ def pack_weights(model) -> int:
 
     if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return 0
-    targets = find_targets(model.hf, model.lora_targets)
+    from .model import PHI4MM_LORA_TARGETS
+
+    targets = find_targets(model.hf, PHI4MM_LORA_TARGETS)
     wrapped = wrap_targets(model.hf, targets.keys(), model.rows)
     n = sum(mod.pack() for mod in wrapped.values())
     head = model.hf.lm_head

@@ -62,7 +62,8 @@ def tiny_config(tokenizer, *, hidden: int = 32, layers: int = 2, heads: int = 4,
 
 
 def make_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, lora_ranks: dict[str, int] | None = None,
-                         dtype: torch.dtype = torch.float32, **config_overrides) -> Path:
+                         dtype: torch.dtype = torch.float32, lora_targets=PHI4MM_LORA_TARGETS,
+                         **config_overrides) -> Path:
     """Write a random tiny model in the transformers-native layout: model, tokenizer, processor, and peft
     adapters `vision-lora/` and `speech-lora/` made by peft with `init_lora_weights=False` (so B != 0)."""
     from peft import LoraConfig, get_peft_model
@@ -93,7 +94,7 @@ def make_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, lora_ranks: dict
     torch.manual_seed(seed + 1)
     peft_model = None
     for name, r in ranks.items():
-        lcfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=PHI4MM_LORA_TARGETS, init_lora_weights=False,
+        lcfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=lora_targets, init_lora_weights=False,
                           lora_dropout=0.0, task_type="CAUSAL_LM")
         if peft_model is None:
             peft_model = get_peft_model(model, lcfg, adapter_name=name)
