@@ -190,12 +190,15 @@ class LoraLinear(nn.Module):
         if rows.uniform is not None:
             i = rows.uniform
             if i < len(self.lora_a) and self.lora_a[i] is not None:
-                out = out + (x @ self.lora_a[i].t()) @ self.lora_b[i].t()
+                a, b = self.lora_a[i], self.lora_b[i]
+                h = nn.functional.linear(x, a)  # [..., r]
+                # accumulate B h into the base output inside the GEMM: no separate pass over the output
+                out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t())
         elif rows.rank_mask is not None:
             a, b = self.stacked()
-            h = x @ a.t()  # [B, T, sum r]
-            h = h * rows.rank_mask.to(h.dtype).unsqueeze(1)
-            out = out + h @ b.t()
+            h = nn.functional.linear(x, a)  # [B, T, sum r]
+            h.mul_(rows.rank_mask.to(h.dtype).unsqueeze(1))
+            out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t())
         return out
 
     def extra_repr(self) -> str:

@@ -253,16 +253,22 @@ def decode_weight_bytes(model) -> int:
     """Bytes of the weights one decode step reads: the decoder's projections, norms and the output head."""
     from adapters import LoraLinear
 
-    from .quant import Int8Linear
+    from .quant import Int8Linear, PackedLinear
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
 
     total = 0
     for mod in list(model.hf.model.layers.modules()) + [model.hf.model.norm, model.hf.lm_head]:
         if isinstance(mod, LoraLinear):
-            total += mod.int8.nbytes if mod.int8 is not None else mod.weight.numel() * mod.weight.element_size()
+            total += (mod.int8.nbytes if mod.int8 is not None else
+                      nbytes(mod.packed) if mod.packed is not None else nbytes(mod.weight))
         elif isinstance(mod, Int8Linear):
             total += mod.int8.nbytes
+        elif isinstance(mod, PackedLinear):
+            total += nbytes(mod.packed)
         elif isinstance(mod, torch.nn.Linear) or hasattr(mod, "variance_epsilon"):
-            total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+            total += sum(nbytes(p) for p in mod.parameters(recurse=False))
     return total
 
 
