@@ -48,7 +48,7 @@ class Int8Weight:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.use_fbgemm:
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, True)
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, False)  # VNNI: full 8-bit range
         else:
             act = x2 if x2.dtype in (torch.bfloat16, torch.float16) else x2.to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(act, self.q, self.scale.to(act.dtype)).float()
