@@ -63,14 +63,15 @@ class RowAdapters:
     """Which adapter each batch row uses, shared by every `LoraLinear` of one model.
 
     - `uniform`: the adapter index every row uses (None: rows differ, or no adapter at all);
-    - `rank_mask`: for a mixed batch, `[B, sum of ranks]` ones where a row's own adapter's ranks sit, zeros
-      elsewhere: every adapter's A is applied to every row in one matmul, the mask keeps each row's own.
+    - `rank_mask`: for a mixed batch, `[B, sum of ranks]` holding the row's adapter's scale where its ranks sit,
+      zeros elsewhere: every adapter's A is applied to every row in one matmul, the mask keeps each row's own.
     """
 
     def __init__(self) -> None:
         self.uniform: int | None = None
         self.rank_mask: torch.Tensor | None = None
         self.ranks: list[int] = []
+        self.scales: list[float] = []
 
     def set(self, row_adapter: Sequence[int | None], device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32) -> None:
@@ -88,7 +89,7 @@ class RowAdapters:
         mask = torch.zeros(len(row_adapter), offsets[-1], dtype=dtype, device=device)
         for i, a in enumerate(row_adapter):
             if a is not None:
-                mask[i, offsets[a]:offsets[a + 1]] = 1
+                mask[i, offsets[a]:offsets[a + 1]] = self.scales[a] if a < len(self.scales) else 1.0
         self.rank_mask = mask
 
     def clear(self) -> None:
@@ -99,7 +100,7 @@ class LoraLinear(nn.Module):
     """A frozen `nn.Linear` plus any number of LoRA adapters, each row of a batch with its own (or none).
 
     Keeps the base layer's parameter names (`weight`, `bias`), so the module tree's state dict is unchanged.
-    Adapters are kept in the compute dtype with their scale folded into B. A batch on one adapter runs
+    Adapters are kept in the compute dtype; the scale is applied inside the GEMM. A batch on one adapter runs
     `x A^T B^T` directly; a mixed batch runs all adapters' A (stacked) in one matmul, masks each row to its own
     adapter's ranks and applies the stacked B: no Python loop over adapters. Rows without an adapter get exactly
     the base output, so text routes stay bit-identical with and without adapters loaded.
@@ -116,20 +117,24 @@ class LoraLinear(nn.Module):
         self.packed = None  # `weight` in oneDNN's blocked layout (see `pack`), or None
         self.compute_dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
-        self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r], scale folded in
+        self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r]
+        self.lora_scale: list[float] = []
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_adapter_weights(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         while len(self.lora_a) <= index:
             self.lora_a.append(None)
             self.lora_b.append(None)
+            self.lora_scale.append(1.0)
         self._stacked = None
         if a is None:
             self.lora_a[index] = self.lora_b[index] = None
             return
         dt, dev = self.lora_dtype, self.lora_device
+        # no copy when the adapter is already in the compute dtype: the scale is applied inside the GEMM
         self.lora_a[index] = a.detach().to(device=dev, dtype=dt).contiguous()
-        self.lora_b[index] = (b.detach().to(device=dev, dtype=torch.float32) * scale).to(dt).contiguous()
+        self.lora_b[index] = b.detach().to(device=dev, dtype=dt).contiguous()
+        self.lora_scale[index] = float(scale)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All adapters' A `[sum r, in]` and B `[out, sum r]` side by side (zeros for adapters not targeting
@@ -192,12 +197,12 @@ class LoraLinear(nn.Module):
             if i < len(self.lora_a) and self.lora_a[i] is not None:
                 a, b = self.lora_a[i], self.lora_b[i]
                 h = nn.functional.linear(x, a)  # [..., r]
-                # accumulate B h into the base output inside the GEMM: no separate pass over the output
-                out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t())
+                # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output
+                out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.lora_scale[i])
         elif rows.rank_mask is not None:
             a, b = self.stacked()
             h = nn.functional.linear(x, a)  # [B, T, sum r]
-            h.mul_(rows.rank_mask.to(h.dtype).unsqueeze(1))
+            h.mul_(rows.rank_mask.to(h.dtype).unsqueeze(1))  # each row's own ranks, times its adapter's scale
             out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t())
         return out
 

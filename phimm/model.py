@@ -46,6 +46,16 @@ class AudioInput:
     seconds: float
 
 
+def _skip_unused_vision_head(hf_model) -> None:
+    """SigLIP's pooling head: Phi-4-multimodal reads hidden_states[-2] and never the head's output, and in bf16 on
+    CPU its nn.MultiheadAttention allocates ~5 GB for a moment at full size. Its weights stay in the state dict
+    (checkpoints keep their keys); only its forward is skipped."""
+    embed = getattr(getattr(hf_model, "model", None), "embed_tokens_extend", None)
+    head = getattr(getattr(getattr(embed, "image_embed", None), "img_processor", None), "head", None)
+    if head is not None:
+        head.forward = lambda hidden_state, attention_mask=None: None
+
+
 class FeatureCache:
     """Encoder + projector outputs of recently seen media (a multi-turn chat about one image encodes it once).
     Keyed by a hash of the processed input, so a hit returns exactly what the encoder would."""
@@ -105,6 +115,7 @@ class Phi4MMComposition(nn.Module):
         self.adapter_info: dict[str, LoraAdapter] = {}
         self._targets: dict[str, LoraLinear] = {}
         self.feature_cache = FeatureCache()
+        _skip_unused_vision_head(hf_model)
         for adapter in dict(adapters).values():
             self.add_adapter(adapter)
 
@@ -149,6 +160,7 @@ class Phi4MMComposition(nn.Module):
         self.adapter_names.append(adapter.name)
         self.adapter_info[adapter.name] = adapter
         self.rows.ranks.append(adapter.r)
+        self.rows.scales.append(adapter.scale)
         for mod in self._targets.values():
             mod._stacked = None
 

@@ -72,7 +72,9 @@ class Processor:
         from transformers import AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor
 
         path = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # with the model's config: AutoTokenizer would otherwise read config.json, and the original layout's asks
+        # for remote code (`auto_map`)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=config)
         vc = config.vision_config
         kwargs = _processor_section(path, "image_processor")
         kwargs.setdefault("size", {"height": vc.crop_size, "width": vc.crop_size})
@@ -211,8 +213,16 @@ def _processor_section(path: Path, key: str) -> dict[str, Any]:
             if key in data:
                 return dict(data[key])
             if name == "preprocessor_config.json":
-                return {}
+                # the original layout's remote-code file is one flat dict: keep the settings phimm's processors share
+                return {k: data[k] for k in _FLAT_KEYS.get(key, ()) if k in data}
     return {}
+
+
+# settings of the original layout's flat preprocessor_config.json, per section
+_FLAT_KEYS = {
+    "image_processor": ("dynamic_hd",),
+    "audio_processor": ("audio_compression_rate", "audio_downsample_rate", "audio_feat_stride"),
+}
 
 
 def _as_list(x, what: str) -> list:

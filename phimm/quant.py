@@ -122,8 +122,8 @@ def pack_weights(model) -> int:
         return 0
     from .model import PHI4MM_LORA_TARGETS
 
-    targets = find_targets(model.hf, PHI4MM_LORA_TARGETS)
-    wrapped = wrap_targets(model.hf, targets.keys(), model.rows)
+    paths = list(find_targets(model.hf, PHI4MM_LORA_TARGETS))  # paths only: the originals must not stay alive
+    wrapped = wrap_targets(model.hf, paths, model.rows)
     n = sum(mod.pack() for mod in wrapped.values())
     head = model.hf.lm_head
     if type(head) is nn.Linear and head.weight.numel() * head.weight.element_size() <= HEAD_PACK_LIMIT:

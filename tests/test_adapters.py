@@ -21,6 +21,7 @@ def _setup(dtype=torch.float32):
         a, b = ad.weights["x"]
         lin.set_adapter_weights(i, a, b, ad.scale)
         rows.ranks.append(ad.r)
+        rows.scales.append(ad.scale)
     return base, lin, rows, adapters
 
 
