@@ -225,3 +225,13 @@ def test_scores_are_in_unit_interval(prediction, answers):
     for score in (anls(prediction, answers), vqa_accuracy(prediction, answers), exact_match(prediction, answers)):
         assert 0.0 <= score <= 1.0
     assert anls(answers[0], answers) == 1.0
+
+
+def test_hand_written_references_are_normalised_like_the_official_annotations():
+    from phimm.eval.vqa import VqaTask
+
+    answers = ["three"] * 10
+    # the official metric normalises the prediction ("three" -> "3") but not unanimous references
+    assert VqaTask().scores("three", answers)["accuracy"] == 0.0
+    assert VqaTask(normalize_references=True).scores("three", answers)["accuracy"] == 1.0
+    assert VqaTask(normalize_references=True).scores("two", answers)["accuracy"] == 0.0

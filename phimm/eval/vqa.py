@@ -31,7 +31,7 @@ from phimm.eval.datasets import (
     read_vqa_jsonl,
     read_vqav2,
 )
-from phimm.eval.metrics import anls, exact_match, vqa_accuracy
+from phimm.eval.metrics import anls, exact_match, vqa_accuracy, vqa_normalize_answer
 from phimm.eval.runner import EvalTask, add_common_arguments, fail, load_pipeline, make_request, run_eval, run_options
 
 __all__ = [
@@ -66,9 +66,10 @@ class VqaTask(EvalTask):
     name = "vqa"
 
     def __init__(self, prompt: str = DEFAULT_PROMPT, spoken_prompt: str = DEFAULT_SPOKEN_PROMPT,
-                 metric: str = "accuracy", revision: int = 2016):
+                 metric: str = "accuracy", revision: int = 2016, normalize_references: bool = False):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
+        self.normalize_references = normalize_references
         self.prompt = prompt
         self.spoken_prompt = spoken_prompt
         self.metric = metric
@@ -85,6 +86,10 @@ class VqaTask(EvalTask):
         return make_request(content), {}
 
     def scores(self, hypothesis: str, answers: list[str]) -> dict[str, float]:
+        if self.normalize_references:
+            # the official annotation files hold answers already normalised ("3", not "three"); answers written
+            # by hand get the same normalisation here, or "three" could never match the normalised prediction
+            answers = [vqa_normalize_answer(a) for a in answers]
         return {
             "accuracy": vqa_accuracy(hypothesis, answers, revision=self.revision),
             "exact_match": exact_match(hypothesis, answers),
@@ -171,13 +176,14 @@ def evaluate_vqa(
     metric: str = "accuracy",
     revision: int = 2016,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    normalize_references: bool = False,
     **options,
 ) -> dict:
     """Answers `samples` with `pipe` and writes predictions.jsonl, summary.json, report.md and
     `<metric>_by_question_type.png` to `out_dir`; returns the summary (`accuracy`, `exact_match`, `anls`, ...).
 
     `options`: `run_eval`'s (`batch_size`, `limit`, `model`, `data`, `settings`, `restart`, `progress`)."""
-    task = VqaTask(prompt, spoken_prompt, metric, revision)
+    task = VqaTask(prompt, spoken_prompt, metric, revision, normalize_references)
     return run_eval(pipe, task, samples, out_dir, max_new_tokens=max_new_tokens, **options)
 
 
@@ -210,6 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the per-sample score and the plot's metric (auto: anls for DocVQA-style data, "
                              "else accuracy); the summary has all three")
     parser.add_argument("--anls", dest="metric", action="store_const", const="anls", help="same as --metric anls")
+    parser.add_argument("--raw-references", action="store_true",
+                        help="with --data: score against the answers as written (default: normalised as the "
+                             "official annotation files are, e.g. 'three' -> '3')")
     parser.add_argument("--vqa-revision", type=int, choices=(2016, 2021), default=2016,
                         help="the official evaluation's revision (2016: the VQAv2 challenges' server; 2021: the "
                              "VQA API's last change, which normalises only where the humans disagree)")
@@ -248,7 +257,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         metric = dataset.metric if args.metric == "auto" else args.metric
         pipe = load_pipeline(args)
         summary = evaluate_vqa(pipe, dataset.samples, args.out, prompt=args.prompt, spoken_prompt=args.spoken_prompt,
-                               metric=metric, revision=args.vqa_revision, **run_options(args, pipe, dataset.source))
+                               metric=metric, revision=args.vqa_revision,
+                               normalize_references=bool(args.data) and not args.raw_references,
+                               **run_options(args, pipe, dataset.source))
     except PhimmError as e:  # DatasetError, ResumeError, a model that cannot be loaded
         return fail(prog, e)
 
