@@ -1,0 +1,164 @@
+"""phimm's training recipe for the embedded default model (a tiny Phi-4-multimodal on the toy domain).
+
+    python -m phimm.train --run runs/embedded --export phimm/embedded [--seed 0] [--preset full|test]
+    phimm train ...
+
+Stages (each in `{run}/{stage}/`: `log.jsonl` of losses, `state.pt` while running, `done.json` when finished;
+rerunning skips finished stages and resumes an interrupted one from its last state):
+
+    lm              base LM on chat-formatted domain text, soft-token transcripts and scene grids; then frozen
+    speech_encoder  conformer + word-level CTC head                          (independent of lm)
+    vision_encoder  SigLIP + per-cell scene classifier                       (independent of lm)
+    speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm, speech_encoder)
+    vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm, vision_encoder)
+    vision_speech   vision-speech projector, end to end on spoken image questions   (speech, vision)
+    export          phimm's checkpoint layout (`phimm.load(dir)`)
+    eval            held-out scores through `phimm.load` -> `{run}/scores.json`
+
+Independent stages run as parallel processes (`--workers`, one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("lm", "speech_encoder", "vision_encoder", "speech", "vision", "vision_speech", "export", "eval")
+DEPS = {
+    "lm": (),
+    "speech_encoder": (),
+    "vision_encoder": (),
+    "speech": ("lm", "speech_encoder"),
+    "vision": ("lm", "vision_encoder"),
+    "vision_speech": ("speech", "vision"),
+    "export": ("vision_speech",),
+    "eval": ("export",),
+}
+
+
+def run_stage(name: str, run_dir: Path, export_dir: Path | None = None) -> None:
+    from .common import Options, setup_threads
+
+    setup_threads()
+    opts = Options.load(run_dir / "options.json")
+    if name == "lm":
+        from . import lm
+
+        lm.run(run_dir, opts)
+    elif name in ("speech_encoder", "speech"):
+        from . import speech
+
+        (speech.run_encoder if name == "speech_encoder" else speech.run_adapt)(run_dir, opts)
+    elif name in ("vision_encoder", "vision"):
+        from . import vision
+
+        (vision.run_encoder if name == "vision_encoder" else vision.run_adapt)(run_dir, opts)
+    elif name == "vision_speech":
+        from . import vision_speech
+
+        vision_speech.run(run_dir, opts)
+    elif name == "export":
+        from . import export
+
+        export.run(run_dir, opts, export_dir)
+    elif name == "eval":
+        from . import evaluate
+
+        evaluate.run(run_dir, opts, export_dir)
+    else:
+        raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+
+
+def _done(run_dir: Path, name: str) -> bool:
+    return (run_dir / name / "done.json").is_file()
+
+
+def run_recipe(run_dir: Path, export_dir: Path, workers: int, stages=STAGES) -> dict:
+    """Run the stages not yet finished, independent ones in parallel worker processes."""
+    t0 = time.time()
+    pending = [s for s in STAGES if s in stages and not _done(run_dir, s)]
+    running: dict[str, subprocess.Popen] = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    while pending or running:
+        for name, proc in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[name]
+            if rc != 0 or not _done(run_dir, name):
+                for p in running.values():
+                    p.terminate()
+                raise RuntimeError(f"stage {name} failed (exit {rc}); see {run_dir / name / 'stderr.txt'}")
+        for name in list(pending):
+            if len(running) >= workers:
+                break
+            deps = [d for d in DEPS[name] if d in stages]
+            if all(_done(run_dir, d) for d in deps):
+                pending.remove(name)
+                cmd = [sys.executable, "-m", "phimm.train", "--run", str(run_dir), "--export", str(export_dir),
+                       "--stage", name]
+                err = open(run_dir / f"{name}.stderr.txt", "w")
+                print(f"[phimm train] start {name}", flush=True)
+                running[name] = subprocess.Popen(cmd, env=env, stderr=err)
+        time.sleep(0.5)
+    summary = {s: json.loads((run_dir / s / "done.json").read_text()).get("wall_s") for s in STAGES
+               if _done(run_dir, s)}
+    summary["this_invocation_s"] = round(time.time() - t0, 1)
+    (run_dir / "timings.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="runs/embedded", help="run folder (state, logs, scores)")
+    p.add_argument("--export", default=None, help="where to write the model (default: {run}/model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="full", help="full (the shipped model) or test (a tiny end-to-end run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an option")
+    p.add_argument("--workers", type=int, default=None, help="parallel stage processes (default 2)")
+    p.add_argument("--stage", default=None, help="run only this stage (in this process)")
+    p.add_argument("--stages", default=None, help="comma-separated stages to run (default: all)")
+
+
+def cmd_train(args) -> int:
+    from .common import PRESETS, Options
+
+    run_dir = Path(args.run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    export_dir = Path(args.export) if args.export else run_dir / "model"
+    opts_path = run_dir / "options.json"
+    if not opts_path.is_file():
+        if args.preset not in PRESETS:
+            raise SystemExit(f"unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
+        opts = Options(seed=args.seed, **PRESETS[args.preset])
+        for kv in args.set:
+            k, _, v = kv.partition("=")
+            if k not in Options.__dataclass_fields__:
+                raise SystemExit(f"unknown option {k!r}")
+            cur = getattr(opts, k)
+            setattr(opts, k, type(cur)(v))
+        opts.save(opts_path)
+    if args.stage:
+        run_stage(args.stage, run_dir, export_dir)
+        return 0
+    opts = Options.load(opts_path)
+    stages = tuple(args.stages.split(",")) if args.stages else STAGES
+    summary = run_recipe(run_dir, export_dir, args.workers or opts.workers, stages)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the embedded toy-domain model with phimm's recipe")
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phimm.train", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return cmd_train(p.parse_args(argv))

@@ -1,0 +1,532 @@
+"""Shared pieces of phimm's training recipe: the run folder, the tiny config and tokenizer, the soft-token
+vocabulary (blank / scene-cell / separator tokens), chat-formatted examples, LoRA for training, stage state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model import PHI4MM_LORA_TARGETS
+from ..tokenizer import AUDIO_TOKEN, IMAGE_TOKEN
+from ..toy import domain
+
+# ---------------------------------------------------------------- the soft-token vocabulary
+
+BLANK = "[blank]"  # a CTC blank frame
+BG = "[bg]"  # a scene cell without a shape
+ROW = "[row]"  # the end of a row of image cells (the model's sub-image feature separator)
+GLB = "[glb]"  # the separator between the sub-crop grid and the global crop (global_img_feature_extensor)
+CELL_CLASSES = (BG,) + tuple(f"[{c}_{s}]" for c in domain.COLOR_NAMES for s in domain.SHAPES)
+PLAIN_TOKENS = (BLANK, ROW, GLB) + CELL_CLASSES
+WORDS = domain.VOCAB  # the CTC head's classes are blank + WORDS
+END = "<|end|>"
+
+
+def cell_class(color: str, kind: str) -> int:
+    return CELL_CLASSES.index(f"[{color}_{kind}]")
+
+
+@dataclass
+class Options:
+    """Everything a run depends on (written to `{run}/options.json`; a resumed run reuses it)."""
+
+    seed: int = 0
+    # model sizes
+    lm_hidden: int = 128
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
+    lm_intermediate: int = 384
+    vocab: int = 448
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    audio_hidden: int = 96
+    audio_blocks: int = 3
+    audio_conv_channels: int = 32
+    crop: int = 112
+    patch: int = 8
+    lora_r: int = 8
+    # stage sizes
+    lm_steps: int = 3000
+    lm_batch: int = 32
+    lm_lr: float = 2e-3
+    asr_samples: int = 6000
+    ctc_steps: int = 2000
+    ctc_batch: int = 24
+    proj_steps: int = 1500
+    speech_e2e_steps: int = 600
+    e2e_batch: int = 16
+    vqa_samples: int = 3000
+    cell_steps: int = 10000
+    cell_batch: int = 24
+    vision_e2e_steps: int = 800
+    svqa_samples: int = 1200
+    vs_steps: int = 400
+    eval_asr: int = 150
+    eval_vqa: int = 200
+    eval_svqa: int = 150
+    eval_text: int = 60
+    workers: int = 2
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Options":
+        data = json.loads(path.read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+PRESETS: dict[str, dict] = {
+    "full": {},
+    # the end-to-end test: a few hundred samples, tiny steps
+    "test": dict(lm_hidden=64, lm_layers=2, lm_intermediate=128, vision_hidden=32, vision_layers=1, audio_hidden=48,
+                 audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_batch=16, asr_samples=240, ctc_steps=120,
+                 ctc_batch=16, proj_steps=300, speech_e2e_steps=25, e2e_batch=8, vqa_samples=160, cell_steps=80,
+                 cell_batch=16, vision_e2e_steps=25, svqa_samples=64, vs_steps=20, eval_asr=16, eval_vqa=24,
+                 eval_svqa=16, eval_text=12),
+}
+
+
+def setup_threads() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- the run folder and its stages
+
+
+class Stage:
+    """One stage's folder: `state.pt` (resumable), `log.jsonl` (losses), `done.json` (finished, wall time)."""
+
+    def __init__(self, run_dir: Path, name: str):
+        self.name = name
+        self.dir = Path(run_dir) / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.dir / "log.jsonl"
+        self.state_path = self.dir / "state.pt"
+        self.done_path = self.dir / "done.json"
+        self.t0 = time.time()
+        self._last_save = time.time()
+
+    @property
+    def done(self) -> bool:
+        return self.done_path.is_file()
+
+    def log(self, **rec) -> None:
+        rec = {"t": round(time.time() - self.t0, 2), **rec}
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def load_state(self) -> dict | None:
+        if self.state_path.is_file():
+            return torch.load(self.state_path, weights_only=False)
+        return None
+
+    def save_state(self, state: dict) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+        self._last_save = time.time()
+
+    def due(self, every_s: float = 60.0) -> bool:
+        return time.time() - self._last_save > every_s
+
+    def finish(self, **info) -> None:
+        prev = json.loads(self.done_path.read_text()) if self.done_path.is_file() else {}
+        elapsed = info.pop("wall_s", None)
+        rec = {"stage": self.name, "wall_s": round(elapsed if elapsed is not None else time.time() - self.t0, 1),
+               **prev, **info}
+        self.done_path.write_text(json.dumps(rec, indent=2) + "\n")
+
+    def elapsed_before(self, state: dict | None) -> float:
+        return float(state.get("elapsed", 0.0)) if state else 0.0
+
+
+class Timer:
+    """Wall time of a stage, counting the time spent before an interruption."""
+
+    def __init__(self, before: float = 0.0):
+        self.start = time.time() - before
+
+    def __call__(self) -> float:
+        return time.time() - self.start
+
+
+def loop(stage: Stage, steps: int, start: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(range(start, steps), initial=start, total=steps, desc=f"{stage.name}:{desc}", mininterval=5,
+                disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1")
+
+
+# ---------------------------------------------------------------- tokenizer, config, base model
+
+
+def tokenizer_corpus(seed: int, n: int = 12000) -> list[str]:
+    rng = random.Random(f"phimm-train:tokenizer:{seed}")
+    lines = domain.corpus(rng, n)
+    # every domain word alone and after a space, often enough to be merged into one token
+    for _ in range(60):
+        words = list(WORDS)
+        rng.shuffle(words)
+        lines.append(" ".join(words))
+        lines.extend(words)
+    return lines
+
+
+def build_tokenizer(opts: Options):
+    from ..tokenizer import build_tokenizer as bpe
+
+    tok = bpe(tokenizer_corpus(opts.seed), vocab_size=opts.vocab)
+    tok.add_tokens(list(PLAIN_TOKENS), special_tokens=False)
+    for w in WORDS:
+        for form in (w, " " + w):
+            ids = tok(form)["input_ids"]
+            if len(ids) != 1:
+                raise RuntimeError(f"tokenizer: {form!r} is not one token ({ids}); raise the vocab size")
+    return tok
+
+
+def build_config(tok, opts: Options):
+    from ..testing import tiny_config
+
+    cfg = tiny_config(
+        tok, hidden=opts.lm_hidden, layers=opts.lm_layers, heads=opts.lm_heads, kv_heads=opts.lm_kv_heads,
+        intermediate=opts.lm_intermediate, vision_hidden=opts.vision_hidden, vision_layers=opts.vision_layers,
+        audio_hidden=opts.audio_hidden, audio_blocks=opts.audio_blocks, crop_size=opts.crop,
+        patch_size=opts.patch, max_position_embeddings=1024, original_max_position_embeddings=1024,
+    )
+    cfg.vision_config.feature_layer = -1  # the last SigLIP layer feeds the projector (the tiny tower has few)
+    cfg.vision_config.num_attention_heads = max(1, opts.vision_hidden // 32)
+    ac = cfg.audio_config
+    ac.num_attention_heads = max(1, opts.audio_hidden // 32)
+    ac.nemo_conv_channels = opts.audio_conv_channels
+    ac.intermediate_size = opts.audio_hidden * 2
+    return cfg
+
+
+def build_processor(tok, cfg, opts: Options):
+    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor
+
+    from ..processor import Processor
+
+    ip = Phi4MultimodalImageProcessor(size={"height": opts.crop, "width": opts.crop}, patch_size=opts.patch,
+                                      dynamic_hd=1)
+    fe = Phi4MultimodalFeatureExtractor()
+    return Processor(tok, ip, fe, image_token_id=cfg.vision_config.image_token_id,
+                     audio_token_id=cfg.audio_config.audio_token_id, crop_size=opts.crop, patch_size=opts.patch)
+
+
+def load_base(run_dir: Path):
+    """(hf model, processor) of the LM stage's saved base checkpoint, everything frozen, eval mode."""
+    from transformers import Phi4MultimodalForCausalLM
+
+    from ..processor import Processor
+
+    base = Path(run_dir) / "lm" / "base"
+    hf = Phi4MultimodalForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval().requires_grad_(False)
+    proc = Processor.from_pretrained(base, hf.config)
+    return hf, proc
+
+
+def apply_parts(hf, run_dir: Path, names) -> None:
+    """Load the trained parts (`{run}/{name}/parts.pt`, state-dict fragments of the hf model) into `hf`."""
+    for name in names:
+        sd = torch.load(Path(run_dir) / name / "parts.pt", weights_only=True)
+        missing = hf.load_state_dict(sd, strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"{name}/parts.pt: unexpected keys {missing.unexpected_keys[:3]}")
+
+
+def save_parts(hf, stage: Stage, prefixes) -> None:
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items() if any(k.startswith(p) for p in prefixes)}
+    torch.save(sd, stage.dir / "parts.pt")
+
+
+IMAGE_EMBED = "model.embed_tokens_extend.image_embed."
+AUDIO_EMBED = "model.embed_tokens_extend.audio_embed."
+SPEECH_PROJ = (AUDIO_EMBED + "up_proj_for_speech.", AUDIO_EMBED + "down_proj_for_speech.")
+VS_PROJ = (AUDIO_EMBED + "up_proj_for_vision_speech.", AUDIO_EMBED + "down_proj_for_vision_speech.")
+
+
+# ---------------------------------------------------------------- token ids of the soft vocabulary
+
+
+class Vocab:
+    """Token ids the recipe needs."""
+
+    def __init__(self, tok, cfg):
+        ids = tok.convert_tokens_to_ids
+        self.tok = tok
+        self.blank = ids(BLANK)
+        self.row = ids(ROW)
+        self.glb = ids(GLB)
+        self.cells = [ids(c) for c in CELL_CLASSES]
+        self.words = {w: tok(w)["input_ids"][0] for w in WORDS}
+        self.ctc_ids = [self.blank] + [self.words[w] for w in WORDS]  # CTC class -> LM token
+        self.end = ids(END)
+        self.image = cfg.vision_config.image_token_id
+        self.audio = cfg.audio_config.audio_token_id
+        self._prompt_cache: dict = {}
+
+    def prompt(self, text: str, n_image: int = 0, n_audio: int = 0) -> list[int]:
+        """Chat-formatted user turn with `n_image` image and `n_audio` audio placeholder tokens before `text`,
+        exactly as phimm's processor renders a request of content parts [image, audio, text]."""
+        key = (text, n_image, n_audio)
+        if key not in self._prompt_cache:
+            content = IMAGE_TOKEN * n_image + AUDIO_TOKEN * n_audio + text
+            rendered = self.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                    add_generation_prompt=True)
+            self._prompt_cache[key] = self.tok(rendered)["input_ids"]
+        return list(self._prompt_cache[key])
+
+    def answer(self, text: str) -> list[int]:
+        return self.tok(text)["input_ids"] + [self.end]
+
+
+def word_labels(text: str) -> list[int]:
+    """CTC targets (1-based word classes) of a transcript."""
+    return [WORDS.index(w) + 1 for w in text.split()]
+
+
+# ---------------------------------------------------------------- scene grids (the image's soft tokens)
+
+
+def _inside(shape: domain.Shape, x: float, y: float) -> bool:
+    from ..toy.images import shape_outline
+
+    if shape.kind == "circle":
+        return math.dist((x, y), shape.center) <= shape.size / 2
+    pts = shape_outline(shape)
+    inside = False
+    j = len(pts) - 1
+    for i in range(len(pts)):
+        xi, yi = pts[i]
+        xj, yj = pts[j]
+        if (yi > y) != (yj > y) and x < (xj - xi) * (y - yi) / (yj - yi) + xi:
+            inside = not inside
+        j = i
+    return inside
+
+
+def hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
+    """Where a `width` x `height` image lands in the single HD crop (dynamic_hd=1) and the useful cell grid."""
+    ratio_w, ratio_h = crop / width, crop / height
+    if ratio_w < ratio_h:
+        new_w, new_h = crop, int(height * ratio_w)
+        pad_w, pad_h = 0, crop - new_h
+    else:
+        new_w, new_h = int(width * ratio_h), crop
+        pad_w, pad_h = crop - new_w, 0
+    ms = crop // patch
+    mask = torch.ones(ms, ms)
+    if pad_w >= patch:
+        mask[:, -math.floor(pad_w / patch):] = 0
+    if pad_h >= patch:
+        mask[-math.floor(pad_h / patch):, :] = 0
+    f = (ms + 1) // 2
+    sub = mask[0::2, 0::2]
+    return dict(f=f, uh=int(sub[:, 0].sum()), uw=int(sub[0, :].sum()), sx=new_w / width, sy=new_h / height,
+                cell=crop / f)
+
+
+def cell_grid(scene: domain.Scene, crop: int, patch: int) -> list[list[int]]:
+    """The f x f cell classes of the crop: the shape covering each cell's centre (background outside the image);
+    the cell holding a shape's centre always gets that shape."""
+    g = hd_geometry(scene.width, scene.height, crop, patch)
+    f, cs = g["f"], g["cell"]
+    grid = [[0] * f for _ in range(f)]
+    for r in range(f):
+        for c in range(f):
+            x, y = (c + 0.5) * cs / g["sx"], (r + 0.5) * cs / g["sy"]
+            if x >= scene.width or y >= scene.height:
+                continue
+            for s in scene.shapes:
+                if _inside(s, x, y):
+                    grid[r][c] = cell_class(s.color, s.kind)
+                    break
+    for s in scene.shapes:
+        c = min(f - 1, int(s.center[0] * g["sx"] / cs))
+        r = min(f - 1, int(s.center[1] * g["sy"] / cs))
+        grid[r][c] = cell_class(s.color, s.kind)
+    return grid
+
+
+def grid_tokens(grid: list[list[int]], uh: int, uw: int, vocab: Vocab) -> list[int]:
+    """The image's token layout in Phi-4-multimodal's HD arrangement (dynamic_hd=1, one sub-crop): the useful
+    sub-crop cells row by row, each row closed by a separator; the global separator; the global crop's cells
+    row by row, each row closed by a separator."""
+    f = len(grid)
+    out = []
+    for r in range(uh):
+        out += [vocab.cells[grid[r][c]] for c in range(uw)] + [vocab.row]
+    out.append(vocab.glb)
+    for r in range(f):
+        out += [vocab.cells[grid[r][c]] for c in range(f)] + [vocab.row]
+    return out
+
+
+def random_layout_scene(rng: random.Random) -> domain.Scene:
+    """A toy-domain scene, square half of the time, else on a canvas widened or heightened (still 96..256)."""
+    from ..toy.images import random_scene
+
+    side = rng.randint(96, 256)
+    scene = random_scene(rng, size=side)
+    if rng.random() < 0.5:
+        return scene
+    other = rng.randint(min(256, side + 8), 256) if side < 248 else side
+    if other == side:
+        return scene
+    dx = rng.uniform(0, other - side)
+    if rng.random() < 0.5:  # wider
+        shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0] + dx, s.center[1]), s.size, s.rotation)
+                       for s in scene.shapes)
+        return domain.Scene(other, side, scene.background, shapes, scene.antialias)
+    shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0], s.center[1] + dx), s.size, s.rotation)
+                   for s in scene.shapes)
+    return domain.Scene(side, other, scene.background, shapes, scene.antialias)
+
+
+# ---------------------------------------------------------------- noisy transcripts (the audio's soft tokens)
+
+
+def noisy_frames(rng: random.Random, text: str, vocab: Vocab, rate: float | None = None) -> list[int]:
+    """The frame tokens a word-level CTC encoder emits for `text` at 80 ms frames: mostly blanks, each word as a
+    spike of 1-2 frames somewhere in its 2-6 frame span."""
+    out = [vocab.blank] * rng.randint(1, 6)
+    words = text.split()
+    for w in words:
+        dur = rng.randint(2, 6)
+        k = 1 if rng.random() < 0.65 else 2
+        pos = rng.randint(0, dur - k)
+        span = [vocab.blank] * dur
+        for i in range(k):
+            span[pos + i] = vocab.words[w]
+        out += span
+    out += [vocab.blank] * rng.randint(1, 6)
+    return out
+
+
+# ---------------------------------------------------------------- LoRA while training
+
+
+class TrainLora(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / r
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.enabled = True
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.enabled:
+            out = out + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        return out
+
+
+def add_train_lora(hf, r: int, alpha: float | None = None) -> dict[str, TrainLora]:
+    """Wrap every Phi-4-multimodal LoRA target of `hf` in a trainable `TrainLora`."""
+    import re
+
+    alpha = float(alpha if alpha is not None else 2 * r)
+    out = {}
+    for path, mod in list(hf.named_modules()):
+        if isinstance(mod, nn.Linear) and re.fullmatch(PHI4MM_LORA_TARGETS, path):
+            parent, _, attr = path.rpartition(".")
+            wrapped = TrainLora(mod, r, alpha)
+            setattr(hf.get_submodule(parent), attr, wrapped)
+            out[path] = wrapped
+    return out
+
+
+def remove_train_lora(hf, loras: dict[str, TrainLora]) -> None:
+    for path, mod in loras.items():
+        parent, _, attr = path.rpartition(".")
+        setattr(hf.get_submodule(parent), attr, mod.base)
+
+
+def lora_state(loras: dict[str, TrainLora]) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, m in loras.items():
+        out[f"{path}.lora_A"] = m.lora_A.detach().clone()
+        out[f"{path}.lora_B"] = m.lora_B.detach().clone()
+    return out
+
+
+def load_lora_state(loras: dict[str, TrainLora], sd: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for path, m in loras.items():
+            m.lora_A.copy_(sd[f"{path}.lora_A"])
+            m.lora_B.copy_(sd[f"{path}.lora_B"])
+
+
+def lora_adapter(name: str, sd: dict[str, torch.Tensor], r: int, alpha: float | None = None):
+    from adapters import LoraAdapter
+
+    alpha = float(alpha if alpha is not None else 2 * r)
+    paths = sorted({k.rsplit(".", 1)[0] for k in sd})
+    weights = {p: (sd[f"{p}.lora_A"].clone(), sd[f"{p}.lora_B"].clone()) for p in paths}
+    return LoraAdapter(name=name, r=r, alpha=alpha, weights=weights, target_modules=PHI4MM_LORA_TARGETS)
+
+
+# ---------------------------------------------------------------- LM loss over mixed embeddings
+
+
+@dataclass
+class Example:
+    """One training row: prompt ids (media positions hold placeholder ids), answer ids, media embeddings."""
+
+    prompt: list[int]
+    answer: list[int]
+    extra: dict = field(default_factory=dict)
+
+
+def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None, table: torch.Tensor | None = None):
+    """(cross-entropy, token accuracy) over the answer tokens of right-padded rows.
+    `embed_fn(ids [B,T], emb [B,T,D]) -> emb` puts media embeddings in. `table`: the (tied) embedding matrix to
+    use instead of the model's own (the LM stage's parametrised one)."""
+    B = len(rows)
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, n_prompt)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, n: len(r)] = torch.tensor(r[n:])
+    emb = hf.model.embed_tokens(ids) if table is None else nn.functional.embedding(ids, table)
+    if embed_fn is not None:
+        emb = embed_fn(ids, emb)
+    out = hf.model(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+    hidden = out.last_hidden_state[:, :-1]
+    logits = hf.lm_head(hidden) if table is None else nn.functional.linear(hidden, table)
+    tgt = labels[:, 1:]
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    with torch.no_grad():
+        keep = tgt != -100
+        acc = (logits.argmax(-1)[keep] == tgt[keep]).float().mean().item()
+    return loss, acc
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr

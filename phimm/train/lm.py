@@ -1,0 +1,203 @@
+"""Stage `lm`: the base LM learns the domain's text and to read the soft tokens the encoders will emit.
+
+Chat-formatted examples, one task per batch:
+- asr: a noisy CTC frame transcript in the audio placeholders + the ASR instruction -> the clean transcript
+- vqa: a scene grid of cell tokens in the image placeholders (phimm's HD layout) + a question -> the answer
+- svqa: a scene grid + a noisy spoken question + the spoken-question instruction -> the answer
+- text: the toy domain's text tasks (copy, look-up, describe)
+Afterwards the base is frozen for good: `{run}/lm/base/` is a transformers-native checkpoint with tokenizer and
+processor files; every later stage starts from it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..toy import domain
+from .common import (Options, Stage, Timer, Vocab, build_config, build_processor, build_tokenizer, cell_grid,
+                     cosine_lr, grid_tokens, hd_geometry, lm_batch_loss, loop, noisy_frames, random_layout_scene,
+                     set_lr)
+
+TASKS = ("asr", "vqa", "svqa", "text")
+TASK_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
+
+
+def corrupt(rng: random.Random, grid: list[list[int]], scene, opts: Options) -> list[list[int]]:
+    """A few cell mistakes such as a cell classifier makes: another shape kind of the same colour, or the
+    background, on a shape's border cells; never on the cell of a shape's centre."""
+    from .common import CELL_CLASSES, cell_class
+
+    if rng.random() < 0.4:
+        return grid
+    f = len(grid)
+    g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
+    centres = {(min(f - 1, int(s.center[1] * g["sy"] / g["cell"])), min(f - 1, int(s.center[0] * g["sx"] / g["cell"])))
+               for s in scene.shapes}
+    out = [row[:] for row in grid]
+    for r in range(f):
+        for c in range(f):
+            k = grid[r][c]
+            if (r, c) in centres:
+                continue
+            if k != 0 and rng.random() < 0.1:
+                color, kind = CELL_CLASSES[k][1:-1].split("_")
+                if rng.random() < 0.5:
+                    out[r][c] = 0
+                else:
+                    out[r][c] = cell_class(color, rng.choice([s for s in domain.SHAPES if s != kind]))
+            elif k == 0 and rng.random() < 0.03:
+                nb = [grid[rr][cc] for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
+                      if 0 <= rr < f and 0 <= cc < f and grid[rr][cc] != 0]
+                if nb:
+                    out[r][c] = rng.choice(nb)
+    return out
+
+
+def scene_question(rng: random.Random, scene) -> domain.Question:
+    qtype = rng.choice(domain.available_question_types(scene))
+    return domain.question_for_scene(rng, scene, qtype)
+
+
+def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
+    """(ids, n_prompt, mix) where mix lists (position, weight) of frames to blend with the blank embedding."""
+    mix = []
+    if task == "asr":
+        text, _ = domain.utterance(rng)
+        frames = noisy_frames(rng, text, vocab)
+        ids = vocab.prompt(domain.ASR_INSTRUCTION, n_audio=len(frames))
+        ids = _fill(ids, vocab.audio, frames)
+        answer = text
+        mix = _mix_positions(rng, ids, vocab)
+    elif task in ("vqa", "svqa"):
+        scene = random_layout_scene(rng)
+        q = scene_question(rng, scene)
+        g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
+        grid = corrupt(rng, cell_grid(scene, opts.crop, opts.patch), scene, opts)
+        cells = grid_tokens(grid, g["uh"], g["uw"], vocab)
+        if task == "vqa":
+            ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
+        else:
+            frames = noisy_frames(rng, q.text, vocab)
+            ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
+            ids = _fill(_fill(ids, vocab.image, cells), vocab.audio, frames)
+            mix = _mix_positions(rng, ids, vocab)
+        answer = q.answer
+    else:
+        prompt, answer, _ = domain.text_example(rng)
+        ids = vocab.prompt(prompt)
+    n = len(ids)
+    return ids + vocab.answer(answer), n, mix
+
+
+def _fill(ids: list[int], placeholder: int, values: list[int]) -> list[int]:
+    it = iter(values)
+    out = [next(it) if t == placeholder else t for t in ids]
+    return out
+
+
+def _mix_positions(rng: random.Random, ids: list[int], vocab: Vocab) -> list[tuple[int, float]]:
+    word_ids = set(vocab.words.values())
+    if rng.random() < 0.5:
+        return []
+    return [(i, rng.uniform(0.35, 0.95)) for i, t in enumerate(ids) if t in word_ids and rng.random() < 0.3]
+
+
+def batch(step: int, opts: Options, vocab: Vocab, size: int, salt: str = "train"):
+    rng = random.Random(f"phimm-train:lm:{salt}:{opts.seed}:{step}")
+    task = rng.choices(TASKS, TASK_WEIGHTS)[0]
+    return [make_example(rng, task, vocab, opts) for _ in range(size)]
+
+
+def compound_table(hf, vocab: Vocab) -> torch.Tensor:
+    """The embedding matrix with each scene-cell token E[red_circle] parametrised as its own vector plus
+    E[red] + E[circle]: what the LM learns about the words carries over to the cells (and back)."""
+    from .common import CELL_CLASSES
+
+    w = hf.model.embed_tokens.weight
+    idx, parts = [], []
+    for k, name in enumerate(CELL_CLASSES[1:], start=1):
+        color, kind = name[1:-1].split("_")
+        idx.append(vocab.cells[k])
+        parts.append((vocab.words[color], vocab.words[kind]))
+    idx_t = torch.tensor(idx)
+    add = w[torch.tensor([p[0] for p in parts])] + w[torch.tensor([p[1] for p in parts])]
+    return w.index_add(0, idx_t, add)
+
+
+def run_loss(hf, examples, vocab: Vocab):
+    rows = [e[0] for e in examples]
+    n_prompt = [e[1] for e in examples]
+    table = compound_table(hf, vocab)
+
+    def embed_fn(ids, emb):
+        blank = table[vocab.blank]
+        for i, (_, _, mix) in enumerate(examples):
+            for pos, w in mix:
+                emb[i, pos] = w * emb[i, pos] + (1 - w) * blank
+        return emb
+
+    return lm_batch_loss(hf, rows, n_prompt, embed_fn, table=table)
+
+
+def eval_acc(hf, opts: Options, vocab: Vocab) -> dict:
+    """Answer-token accuracy (teacher forced) on fixed batches of each task."""
+    out = {}
+    with torch.no_grad():
+        for task in TASKS:
+            rng = random.Random(f"phimm-train:lm:eval:{opts.seed}:{task}")
+            ex = [make_example(rng, task, vocab, opts) for _ in range(32)]
+            loss, acc = run_loss(hf, ex, vocab)
+            out[task] = round(acc, 4)
+    return out
+
+
+def run(run_dir, opts: Options) -> None:
+    from transformers import Phi4MultimodalForCausalLM
+
+    stage = Stage(run_dir, "lm")
+    if stage.done:
+        return
+    tok = build_tokenizer(opts)
+    cfg = build_config(tok, opts)
+    vocab = Vocab(tok, cfg)
+    torch.manual_seed(opts.seed)
+    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    params = [p for n, p in hf.named_parameters() if not n.startswith("model.embed_tokens_extend.")]
+    for n, p in hf.named_parameters():
+        p.requires_grad_(not n.startswith("model.embed_tokens_extend."))
+    opt = torch.optim.AdamW(params, lr=opts.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    state = stage.load_state()
+    start = 0
+    if state is not None:
+        hf.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    else:
+        stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab))
+    timer = Timer(stage.elapsed_before(state))
+    for step in loop(stage, opts.lm_steps, start, "text"):
+        set_lr(opt, cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)))
+        ex = batch(step, opts, vocab, opts.lm_batch)
+        loss, acc = run_loss(hf, ex, vocab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == opts.lm_steps - 1:
+            stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        if stage.due():
+            stage.save_state({"model": hf.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                              "elapsed": timer()})
+    final = eval_acc(hf, opts, vocab)
+    stage.log(event="end", eval_acc=final)
+    hf.requires_grad_(False)
+    with torch.no_grad():  # bake the parametrisation in: the saved (tied) embeddings are the ones trained
+        hf.model.embed_tokens.weight.copy_(compound_table(hf, vocab))
+    base = stage.dir / "base"
+    hf.save_pretrained(str(base))
+    build_processor(tok, cfg, opts).save_pretrained(base)
+    stage.finish(wall_s=timer(), eval_acc=final, steps=opts.lm_steps)
+    if stage.state_path.exists():
+        stage.state_path.unlink()

@@ -1,0 +1,281 @@
+"""Stages `vision_encoder` and `vision`.
+
+vision_encoder: SigLIP (transformers' `Phi4MultimodalVisionModel`, the tiny config's vision part) with a
+per-cell classifier on the pooled 2x2-patch cell features that `Phi4MultimodalImageEmbedding.get_img_features`
+produces, predicting each cell's (colour, shape) class or the background (the image counterpart of CTC).
+
+vision: with the base LM frozen, the image projector and the learnt separator vectors are fitted (MSE) so that
+every image token is the LM embedding of its cell's class token or of the separator token: the LM reads an image
+as the scene grids it was pretrained on. Then projector, separators and the vision LoRA are fine-tuned end to
+end with the LM loss on VQA answers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..toy import data as toy_data
+from ..toy import domain
+from .common import (CELL_CLASSES, IMAGE_EMBED, Options, Stage, Timer, Vocab, add_train_lora, apply_parts,
+                     build_config, build_processor, build_tokenizer, cell_grid, cosine_lr, grid_tokens, hd_geometry,
+                     lm_batch_loss, load_base, lora_state, loop, remove_train_lora, save_parts, set_lr)
+
+
+def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
+    """The scene on a wider or taller canvas (shapes shifted), still 96..256 px a side."""
+    side = scene.width
+    if side >= 248:
+        return scene
+    other = rng.randint(side + 8, 256)
+    d = rng.uniform(0, other - side)
+    if rng.random() < 0.5:
+        shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0] + d, s.center[1]), s.size, s.rotation)
+                       for s in scene.shapes)
+        return domain.Scene(other, side, scene.background, shapes, scene.antialias)
+    shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0], s.center[1] + d), s.size, s.rotation)
+                   for s in scene.shapes)
+    return domain.Scene(side, other, scene.background, shapes, scene.antialias)
+
+
+def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool = False, desc: str = "images",
+                keep_audio: bool = False):
+    """[dict(image=ImageInput, grid, uh, uw, question, answer[, audio])] of toy-domain VQA samples; 40 % of the
+    training scenes are moved onto non-square canvases."""
+    from tqdm import tqdm
+
+    from ..toy.images import render_scene
+
+    out = []
+    for s in tqdm(toy_data.iter_split(kind, n, seed, heldout=heldout), total=n, desc=desc, mininterval=10,
+                  disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1"):
+        scene, img = s["scene"], s["image"]
+        rng = random.Random(f"widen:{s['id']}")
+        if not heldout and rng.random() < 0.4:
+            scene = widen(rng, scene)
+            img = render_scene(scene)
+        ii = proc.process_image(img)
+        g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
+        rec = dict(image=ii, grid=cell_grid(scene, opts.crop, opts.patch), uh=g["uh"], uw=g["uw"],
+                   question=s["question"], answer=s["answer"])
+        if keep_audio:
+            rec["audio"] = proc.process_audio((s["audio"], s["sample_rate"]))
+        out.append(rec)
+    return out
+
+
+def crop_batch(items):
+    px = torch.cat([it["image"].pixel_values for it in items])  # [B*2, 3, crop, crop]
+    mask = torch.cat([it["image"].attention_mask for it in items]).bool()
+    labels = torch.tensor([sum(it["grid"], []) for it in items for _ in range(it["image"].pixel_values.shape[0])])
+    return px, mask, labels
+
+
+def run_encoder(run_dir, opts: Options) -> None:
+    from transformers import Phi4MultimodalForCausalLM
+
+    stage = Stage(run_dir, "vision_encoder")
+    if stage.done:
+        return
+    tok = build_tokenizer(opts)
+    cfg = build_config(tok, opts)
+    proc = build_processor(tok, cfg, opts)
+    torch.manual_seed(opts.seed + 3)
+    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    ie = hf.model.embed_tokens_extend.image_embed
+    siglip = ie.img_processor.eval()
+    # SigLIP's last hidden states are not normalised: the classifier normalises them itself
+    head = nn.Sequential(nn.LayerNorm(opts.vision_hidden), nn.Linear(opts.vision_hidden, len(CELL_CLASSES)))
+    items = make_images(proc, opts, "vqa", opts.vqa_samples, opts.seed, desc="vision_encoder:data")
+    dev = make_images(proc, opts, "vqa", max(16, opts.eval_vqa // 2), opts.seed + 1000, heldout=True,
+                      desc="vision_encoder:dev")
+    params = list(siglip.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    weight = torch.ones(len(CELL_CLASSES))
+    weight[0] = 0.3
+    state = stage.load_state()
+    start = 0
+    if state is not None:
+        siglip.load_state_dict(state["siglip"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    timer = Timer(stage.elapsed_before(state) + (time.time() - stage.t0))
+    order: list[int] = []
+    epoch = 0
+    while len(order) < opts.cell_steps * opts.cell_batch:
+        perm = list(range(len(items)))
+        random.Random(f"cells:{opts.seed}:{epoch}").shuffle(perm)
+        order += perm
+        epoch += 1
+    for step in loop(stage, opts.cell_steps, start, "cells"):
+        set_lr(opt, cosine_lr(step, opts.cell_steps, 2e-3, warmup=min(100, opts.cell_steps // 10)))
+        batch = [items[i] for i in order[step * opts.cell_batch: (step + 1) * opts.cell_batch]]
+        px, mask, labels = crop_batch(batch)
+        # one of the two (nearly identical) crops of each image: the global one or the padded sub-crop
+        pick = torch.tensor([2 * i + random.Random(f"crop:{opts.seed}:{step}:{i}").randint(0, 1)
+                             for i in range(len(batch))])
+        px, mask, labels = px[pick], mask[pick], labels[pick]
+        logits = head(ie.get_img_features(px, mask))
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == opts.cell_steps - 1:
+            stage.log(step=step, loss=round(loss.item(), 4))
+        if stage.due():
+            stage.save_state({"siglip": siglip.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                              "step": step + 1, "elapsed": timer()})
+    with torch.no_grad():
+        px, mask, labels = crop_batch(dev)
+        pred = head(ie.get_img_features(px, mask)).argmax(-1)
+        shape_cells = labels != 0
+        acc = (pred[shape_cells] == labels[shape_cells]).float().mean().item()
+        bg_acc = (pred[~shape_cells] == 0).float().mean().item()
+    stage.log(event="end", heldout_shape_cell_acc=round(acc, 4), heldout_bg_cell_acc=round(bg_acc, 4))
+    save_parts(hf, stage, (IMAGE_EMBED + "img_processor.",))
+    torch.save(head.state_dict(), stage.dir / "cell_head.pt")
+    stage.finish(wall_s=timer(), heldout_shape_cell_acc=round(acc, 4), heldout_bg_cell_acc=round(bg_acc, 4),
+                 steps=opts.cell_steps)
+    if stage.state_path.exists():
+        stage.state_path.unlink()
+
+
+# ---------------------------------------------------------------- the projector, with SigLIP frozen
+
+
+def cache_features(ie, items) -> None:
+    """Frozen SigLIP cell features of every item (`item["feats"]`, [crops, f*f, vision hidden])."""
+    with torch.no_grad():
+        for it in items:
+            ii = it["image"]
+            it["feats"] = ie.get_img_features(ii.pixel_values, ii.attention_mask.bool())
+
+
+@contextmanager
+def cached_features(ie, feats: torch.Tensor):
+    """Run `Phi4MultimodalImageEmbedding.forward` on precomputed SigLIP features (same arrangement code)."""
+    ie.get_img_features = lambda *a, **k: feats
+    try:
+        yield
+    finally:
+        del ie.get_img_features
+
+
+def image_embeds(ie, items, hidden: int, image_token_id: int) -> torch.Tensor:
+    """[sum of tokens, hidden]: the model's own image embedding of `items` (features from the cache)."""
+    n = sum(it["image"].num_tokens for it in items)
+    feats = torch.cat([it["feats"] for it in items])
+    px = torch.stack([it["image"].pixel_values for it in items])
+    mask = torch.stack([it["image"].attention_mask for it in items])
+    sizes = torch.tensor([it["image"].size for it in items])
+    with cached_features(ie, feats):
+        out = ie(torch.full((1, n), image_token_id), torch.zeros(1, n, hidden), image_pixel_values=px,
+                 image_sizes=sizes, image_attention_mask=mask)
+    return out[0]
+
+
+def projector_params(ie) -> list[nn.Parameter]:
+    return (list(ie.img_projection_up.parameters()) + list(ie.img_projection_down.parameters())
+            + [ie.global_img_feature_extensor, ie.sub_img_feature_extensor])
+
+
+def fit_projector(ie, items, vocab: Vocab, table: torch.Tensor, steps: int, batch: int, seed: int, stage: Stage,
+                  image_token_id: int) -> float:
+    params = projector_params(ie)
+    with torch.no_grad():  # SigLIP's last hidden states are not normalised: scale the first layer to them
+        allf = torch.cat([it["feats"].reshape(-1, it["feats"].shape[-1]) for it in items[:500]])
+        mean, std = allf.mean(0), allf.std(0).clamp(min=1e-3)
+        up = ie.img_projection_up
+        up.weight.div_(std)
+        up.bias.sub_(up.weight @ mean)
+        ie.sub_img_feature_extensor.copy_(mean + std * torch.randn_like(mean))
+        ie.global_img_feature_extensor.copy_(mean + std * torch.randn_like(mean))
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    rng = random.Random(f"vision-proj:{seed}")
+    targets = [table[torch.tensor(grid_tokens(it["grid"], it["uh"], it["uw"], vocab))] for it in items]
+    scale = table.pow(2).mean()
+    loss = torch.tensor(0.0)
+    for step in loop(stage, steps, 0, "projector"):
+        set_lr(opt, cosine_lr(step, steps, 3e-3, warmup=20))
+        idx = rng.sample(range(len(items)), min(batch, len(items)))
+        pred = image_embeds(ie, [items[i] for i in idx], table.shape[1], image_token_id)
+        loss = (pred - torch.cat([targets[i] for i in idx])).pow(2).mean() / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            stage.log(phase="projector", step=step, rel_mse=round(loss.item(), 5))
+    return loss.item()
+
+
+def vqa_loss(hf, ie, items, vocab: Vocab):
+    rows, n_prompt = [], []
+    for it in items:
+        p = vocab.prompt(it["question"], n_image=it["image"].num_tokens)
+        rows.append(p + vocab.answer(it["answer"]))
+        n_prompt.append(len(p))
+
+    def embed_fn(ids, emb):
+        emb = emb.clone()
+        for j, it in enumerate(items):
+            pos = (ids[j] == vocab.image).nonzero()[:, 0]
+            emb[j, pos] = image_embeds(ie, [it], emb.shape[-1], vocab.image)
+        return emb
+
+    return lm_batch_loss(hf, rows, n_prompt, embed_fn)
+
+
+def run_adapt(run_dir, opts: Options) -> None:
+    stage = Stage(run_dir, "vision")
+    if stage.done:
+        return
+    timer = Timer()
+    hf, proc = load_base(run_dir)
+    apply_parts(hf, run_dir, ["vision_encoder"])
+    vocab = Vocab(proc.tokenizer, hf.config)
+    ie = hf.model.embed_tokens_extend.image_embed
+    items = make_images(proc, opts, "vqa", opts.vqa_samples, opts.seed, desc="vision:data")
+    cache_features(ie, items)
+    table = hf.model.embed_tokens.weight.detach()
+    torch.manual_seed(opts.seed + 4)
+    ie.img_projection_up.reset_parameters()
+    ie.img_projection_down.reset_parameters()
+    mse = fit_projector(ie, items, vocab, table, opts.proj_steps // 3, 16, opts.seed, stage, vocab.image)
+
+    loras = add_train_lora(hf, opts.lora_r)
+    lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
+    pparams = projector_params(ie)
+    opt = torch.optim.AdamW([{"params": lparams, "lr": 2e-3}, {"params": pparams, "lr": 5e-4}], weight_decay=0.0)
+    probe = items[:32]
+    with torch.no_grad():
+        acc0 = vqa_loss(hf, ie, probe, vocab)[1]
+    stage.log(event="e2e_start", answer_acc=round(acc0, 4))
+    rng = random.Random(f"vision-e2e:{opts.seed}")
+    for step in loop(stage, opts.vision_e2e_steps, 0, "e2e"):
+        for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
+            g["lr"] = cosine_lr(step, opts.vision_e2e_steps, peak, warmup=10)
+        batch = rng.sample(items, min(opts.e2e_batch, len(items)))
+        loss, acc = vqa_loss(hf, ie, batch, vocab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == opts.vision_e2e_steps - 1:
+            stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+    with torch.no_grad():
+        acc1 = vqa_loss(hf, ie, probe, vocab)[1]
+    stage.log(event="e2e_end", answer_acc=round(acc1, 4))
+    torch.save(lora_state(loras), stage.dir / "lora.pt")
+    remove_train_lora(hf, loras)
+    save_parts(hf, stage, (IMAGE_EMBED + "img_projection", IMAGE_EMBED + "global_img", IMAGE_EMBED + "sub_img"))
+    stage.finish(wall_s=timer(), projector_rel_mse=round(mse, 5), answer_acc_before=round(acc0, 4),
+                 answer_acc_after=round(acc1, 4))

@@ -1,0 +1,88 @@
+"""Stage `vision_speech`: the vision-speech projector for spoken questions about images.
+
+It starts as a copy of the trained speech projector (both emit the same soft tokens: the LM embeddings of the
+CTC encoder's blank / words), then is fine-tuned end to end with the LM loss on spoken image questions, with the
+vision LoRA, the vision projector, both encoders and the base LM frozen.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from ..toy import domain
+from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, apply_parts, cosine_lr, lm_batch_loss,
+                     load_base, load_lora_state, loop, remove_train_lora, save_parts)
+from .vision import cache_features, image_embeds, make_images
+
+
+def run(run_dir, opts: Options) -> None:
+    stage = Stage(run_dir, "vision_speech")
+    if stage.done:
+        return
+    timer = Timer()
+    hf, proc = load_base(run_dir)
+    apply_parts(hf, run_dir, ["speech_encoder", "speech", "vision_encoder", "vision"])
+    vocab = Vocab(proc.tokenizer, hf.config)
+    ie = hf.model.embed_tokens_extend.image_embed
+    ae = hf.model.embed_tokens_extend.audio_embed
+    items = make_images(proc, opts, "spoken_vqa", opts.svqa_samples, opts.seed, desc="vision_speech:data",
+                        keep_audio=True)
+    cache_features(ie, items)
+    with torch.no_grad():
+        for it in items:
+            a = it["audio"]
+            it["enc"] = ae.encoder(a.features[None], None)[0, : a.num_tokens]
+            it["img_emb"] = image_embeds(ie, [it], hf.config.hidden_size, vocab.image)
+    up, down = ae.up_proj_for_vision_speech, ae.down_proj_for_vision_speech
+    with torch.no_grad():
+        up.load_state_dict(ae.up_proj_for_speech.state_dict())
+        down.load_state_dict(ae.down_proj_for_speech.state_dict())
+    loras = add_train_lora(hf, opts.lora_r)
+    load_lora_state(loras, torch.load(run_dir / "vision" / "lora.pt", weights_only=True))
+    for m in loras.values():
+        m.requires_grad_(False)
+    params = list(up.parameters()) + list(down.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+
+    def loss_of(batch):
+        rows, n_prompt = [], []
+        for it in batch:
+            p = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=it["image"].num_tokens,
+                             n_audio=it["audio"].num_tokens)
+            rows.append(p + vocab.answer(it["answer"]))
+            n_prompt.append(len(p))
+
+        def embed_fn(ids, emb):
+            emb = emb.clone()
+            for j, it in enumerate(batch):
+                emb[j, ids[j] == vocab.image] = it["img_emb"]
+                emb[j, ids[j] == vocab.audio] = down(nn.functional.gelu(up(it["enc"])))
+            return emb
+
+        return lm_batch_loss(hf, rows, n_prompt, embed_fn)
+
+    probe = items[:32]
+    with torch.no_grad():
+        acc0 = loss_of(probe)[1]
+    stage.log(event="e2e_start", answer_acc=round(acc0, 4))
+    rng = random.Random(f"vs-e2e:{opts.seed}")
+    for step in loop(stage, opts.vs_steps, 0, "e2e"):
+        opt.param_groups[0]["lr"] = cosine_lr(step, opts.vs_steps, 5e-4, warmup=10)
+        loss, acc = loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == opts.vs_steps - 1:
+            stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+    with torch.no_grad():
+        acc1 = loss_of(probe)[1]
+    stage.log(event="e2e_end", answer_acc=round(acc1, 4))
+    remove_train_lora(hf, loras)
+    save_parts(hf, stage, VS_PROJ)
+    stage.finish(wall_s=timer(), answer_acc_before=round(acc0, 4), answer_acc_after=round(acc1, 4))
