@@ -234,6 +234,9 @@ def run(args) -> dict:
     results["memory"] = {"phimm_weights_rss_mb": rss_phimm, "reference_weights_rss_mb": rss_ref,
                          "peak_rss_mb": peak_rss_mb()}
 
+    if args.json:  # keep what is measured so far, should a later phase fail
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
     # ---- int8 ----
     del ref
     q = phimm.load(ckpt, dtype=args.dtype, threads=args.threads, quantize="int8")
@@ -324,7 +327,7 @@ def _toy_request(phimm, kind, s):
     if "image" in s:
         parts.append({"type": "image", "image": s["image"]})
     if "audio" in s:
-        parts.append({"type": "audio", "audio": s["audio"]})
+        parts.append({"type": "audio", "audio": (s["audio"], s["sample_rate"])})
     text = s.get("question") if kind == "vqa" else "Transcribe the audio clip into text."
     parts.append({"type": "text", "text": text})
     return phimm.Request(messages=[{"role": "user", "content": parts}])
