@@ -31,7 +31,7 @@ ANY_LINEAR = r".+"
 class ImageInput:
     """One processed image: HD crops (global first), their patch masks, the padded HD size, its token count."""
 
-    pixel_values: torch.Tensor  # [crops, 3, crop, crop]
+    pixel_values: torch.Tensor  # [crops, 3, crop, crop]: pixel crops, global first (tokens put it last)
     attention_mask: torch.Tensor  # [crops, crop/patch, crop/patch]
     size: tuple[int, int]  # (height, width) after the HD transform
     num_tokens: int
