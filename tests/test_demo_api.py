@@ -1,0 +1,228 @@
+"""The web demo through Gradio's API (`gradio_client`): the `/chat` endpoint answers text, image and audio
+requests with their route, serves two clients at once, and turns bad input into a readable error while it keeps
+serving. Runs on a tiny random checkpoint (or the embedded model when it exists)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio", reason="the demo needs gradio (pip install -e '.[demo]')")
+gradio_client = pytest.importorskip("gradio_client", reason="the API test needs gradio_client")
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "phimm" / "embedded" / "config.json"
+
+
+@pytest.fixture(scope="module")
+def server(request):
+    """The demo on a free localhost port: the embedded model if it exists, else the suite's tiny random
+    checkpoint (its answers are noise; its routes are real)."""
+    import phimm
+    from demo.app import build_app, serve_in_background
+
+    if EMBEDDED.is_file():
+        pipe, max_new = phimm.load(None, threads=1), 12
+    else:
+        pipe, max_new = phimm.load(request.getfixturevalue("tiny_ckpt"), threads=1), 8
+    app = build_app(pipe, max_new_tokens=max_new)
+    url = serve_in_background(app)
+    yield app, url
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    import soundfile as sf
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("demo-media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(d / "picture.png")
+    t = np.arange(16000) / 16000
+    sf.write(d / "tone.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not really a png" * 20)
+    sf.write(d / "long.wav", np.zeros(61 * 8000, dtype=np.int16), 8000)  # 61 s: over the demo's 60 s limit
+    return d
+
+
+def test_binds_localhost_with_limits(server):
+    app, url = server
+    assert url.startswith("http://127.0.0.1:")
+    assert app.max_file_size == 10 * 1024 * 1024
+    assert app._queue.max_size == 32
+    assert not getattr(app, "share", False)
+
+
+def test_chat_routes(server, media):
+    _, url = server
+    client = Client(url, verbose=False)
+    cases = [
+        (("what color is the circle", handle_file(str(media / "picture.png")), None), "vision"),
+        (("transcribe the audio clip into text", None, handle_file(str(media / "tone.wav"))), "speech"),
+        (("the star is red . what color is the star ?", None, None), "none"),
+        (("answer the spoken question about the image", handle_file(str(media / "picture.png")),
+          handle_file(str(media / "tone.wav"))), "vision+vision_speech"),
+    ]
+    for args, route in cases:
+        answer, got = client.predict(*args, api_name="/chat")
+        assert isinstance(answer, str)
+        assert got == route, (args[0], got)
+    if EMBEDDED.is_file():
+        assert answer.strip(), "the embedded model gave an empty answer"
+    # optional inputs default to None
+    assert client.predict("hello", api_name="/chat")[1] == "none"
+
+
+def test_two_clients_at_once(server, media):
+    _, url = server
+    results, errors = {}, []
+
+    def ask(name, args):
+        try:
+            results[name] = Client(url, verbose=False).predict(*args, api_name="/chat")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+
+    jobs = {
+        "image": ("what shape is it", handle_file(str(media / "picture.png")), None),
+        "audio": ("transcribe the audio clip into text", None, handle_file(str(media / "tone.wav"))),
+    }
+    threads = [threading.Thread(target=ask, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert results["image"][1] == "vision"
+    assert results["audio"][1] == "speech"
+
+
+def test_errors_are_readable_and_app_keeps_serving(server, media):
+    from gradio_client.exceptions import AppError
+
+    _, url = server
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError) as bad_image:
+        client.predict("what is this", handle_file(str(media / "corrupt.png")), None, api_name="/chat")
+    msg = str(bad_image.value)
+    assert "ImageError" in msg and "corrupt.png" in msg, msg
+    assert "/tmp/gradio" not in msg  # the server's upload path is shortened to the file name
+
+    with pytest.raises(AppError, match=r"AudioError: .*61\.0 s.*up to 60 s"):
+        client.predict("transcribe", None, handle_file(str(media / "long.wav")), api_name="/chat")
+
+    with pytest.raises(AppError, match="PromptError"):
+        client.predict("", None, None, api_name="/chat")
+
+    big = media / "big.png"
+    big.write_bytes(b"\0" * (10 * 1024 * 1024 + 1))
+    with pytest.raises(Exception, match="maximum file size"):  # refused at upload, before the model
+        client.predict("x", handle_file(str(big)), None, api_name="/chat")
+
+    answer, route = client.predict("what color is the circle", handle_file(str(media / "picture.png")), None,
+                                   api_name="/chat")
+    assert route == "vision"
+
+
+def test_ui_handler_shows_errors_in_chat(server, media):
+    """The chat handler itself (no browser): an error becomes a chat message, and the next turn works."""
+    app, _ = server
+    chat = app.phimm_chat
+    *_, last = chat.respond("what is this", str(media / "corrupt.png"), None, [])
+    messages, turns, *_, status = last
+    assert turns[-1]["error"] and "ImageError" in messages[-1]["content"]
+    assert status.startswith("Error: ImageError")
+    *_, last = chat.respond("what is in the picture", str(media / "picture.png"), None, turns)
+    messages, turns, *_, status = last
+    assert turns[-1]["done"] and not turns[-1]["error"]
+    assert "route **vision**" in messages[-1]["content"] and "tok/s" in status
+    # a follow-up with audio carries the earlier image in its turn: both encoders, the vision-speech projector
+    *_, last = chat.respond("and this?", None, str(media / "tone.wav"), turns)
+    assert "route **vision+vision_speech**" in last[0][-1]["content"]
+
+
+def test_cli_registers_demo_without_importing_gradio():
+    import phimm.cli
+
+    # `phimm demo` is registered, with safe defaults
+    parser = phimm.cli.build_parser()
+    args = parser.parse_args(["demo"])
+    assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7860, False, None)
+    assert parser.parse_args(["demo", "--share", "--port", "7000"]).share
+
+    # importing the subcommand does not import gradio (`phimm run` stays fast): checked in a fresh interpreter
+    code = ("import sys, argparse, demo.cli as c; p = argparse.ArgumentParser(); "
+            "c.register(p.add_subparsers()); p.parse_args(['demo', '--port', '1']); print('gradio' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "importing demo.cli must not import gradio"
+
+
+class _FakePipe:
+    """A stand-in pipeline that streams fixed pieces (the tiny random model's answers are unprintable)."""
+
+    name, adapters = "fake", ["vision", "speech"]
+
+    class tokenizer:  # noqa: N801
+        @staticmethod
+        def encode(text, add_special_tokens=False):
+            return text.split()
+
+    def __init__(self, pieces=("The", " circle", " is", " red")):
+        self.pieces = pieces
+        self.fail_next: Exception | None = None
+        self.requests = []
+
+    def prepare(self, request):
+        from routers import Route
+
+        self.requests.append(request)
+        return None, Route("vision")
+
+    def stream(self, request, **gen):
+        import time
+
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+        for piece in self.pieces:
+            time.sleep(0.01)
+            yield piece
+
+
+def test_ui_streams_piece_by_piece_and_survives_internal_errors(media):
+    from demo.app import DemoChat, Limits
+
+    pipe = _FakePipe()
+    chat = DemoChat(pipe, Limits(max_new_tokens=4))
+    states = list(chat.respond("what color is the circle", str(media / "picture.png"), None, []))
+    answers = [s[0][-1]["content"].split("\n\n<sub>")[0] for s in states]  # the last chat message, each time
+    assert "The circle" in answers and "The circle is" in answers  # the chat grows token by token
+    messages, turns, *_, status = states[-1]
+    assert messages[-1]["content"].startswith("The circle is red")
+    assert "route **vision**" in messages[-1]["content"]
+    assert "first token" in status and "tok/s" in status and "— tok/s" not in status and "4 tokens" in status
+
+    pipe.fail_next = RuntimeError("boom")
+    *_, last = chat.respond("again", None, None, turns)
+    assert "internal error (RuntimeError): boom" in last[0][-1]["content"]
+    turns = last[1]
+    *_, last = chat.respond("and now?", None, None, turns)  # still serving
+    assert last[1][-1]["done"] and last[1][-1]["answer"] == "The circle is red"
+    # the failed turn is left out of the conversation sent to the model; the answered one is in it
+    sent = pipe.requests[-1].messages
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"] == "The circle is red" and sent[0]["content"][0]["type"] == "image"
