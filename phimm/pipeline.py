@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -63,6 +64,8 @@ class Pipeline:
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else processor.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+        # one generation at a time: the per-row adapter state lives on the model's layers
+        self._lock = threading.RLock()
 
     @property
     def adapters(self) -> list[str]:
@@ -165,11 +168,11 @@ class Pipeline:
         return results
 
     def _run(self, rows, routes, opts, start) -> list[Output]:
-        gen = self._generate(rows, routes, opts, start)
-        outputs = None
-        for _, outputs in gen:
-            pass
-        return outputs
+        with self._lock:
+            outputs = None
+            for _, outputs in self._generate(rows, routes, opts, start):
+                pass
+            return outputs
 
     def stream(self, x: Request | str, **generation) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are generated (one request)."""
@@ -177,13 +180,18 @@ class Pipeline:
         start = time.perf_counter()
         prepared, route = self.prepare(x)
         emitted = ""
-        for _, outputs in self._generate([prepared], [route], opts, start):
-            text = self.tokenizer.decode(outputs[0].token_ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character is not complete yet
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-                emitted = text
+        outputs = None
+        with self._lock:
+            for _, outputs in self._generate([prepared], [route], opts, start):
+                text = self.tokenizer.decode(outputs[0].token_ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # a multi-byte character is not complete yet
+                if len(text) > len(emitted) and text.startswith(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+        final = outputs[0].text if outputs else ""
+        if len(final) > len(emitted) and final.startswith(emitted):
+            yield final[len(emitted):]  # whatever an incomplete character held back
 
     # ---- saving --------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

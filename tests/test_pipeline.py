@@ -117,3 +117,21 @@ def test_cli_run(tiny_ckpt, tmp_path, capsys):
     assert "route: vision+vision_speech" in captured.err
     assert main(["run", "--model", str(tiny_ckpt), "--adapter", "klingon", "hi"]) == 2
     assert "klingon" in capsys.readouterr().err
+
+
+def test_concurrent_calls_from_threads(tiny_pipe, image, audio):
+    import threading
+
+    reqs = [phimm.Request(prompt="<|image|>x", images=[image]), phimm.Request(prompt="<|audio|>x", audios=[audio])]
+    want = [tiny_pipe(r, max_new_tokens=5, min_new_tokens=5).token_ids for r in reqs]
+    got = [None, None]
+
+    def work(i):
+        got[i] = tiny_pipe(reqs[i], max_new_tokens=5, min_new_tokens=5).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1, 0, 1)[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
