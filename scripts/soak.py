@@ -15,14 +15,6 @@ import time
 import numpy as np
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def requests(n: int, seed: int = 0):
     """A deterministic stream of text / image / audio / image+audio requests with fresh media each time (so
     the encoder-output cache cannot hide a leak), one bad request in 25."""
@@ -58,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     args = p.parse_args(argv)
     import phimm
+    from phimm.bench import rss_mb
 
     pipe = phimm.load(args.model)
     stream = list(requests(args.requests))
