@@ -100,7 +100,7 @@ def timing_text(ttft_s: float | None, tokens_per_s: float | None, n_tokens: int 
     parts = [f"first token {ttft_s:.2f} s" if ttft_s is not None else "first token —"]
     parts.append(f"{tokens_per_s:.1f} tok/s" if tokens_per_s else "— tok/s")
     if n_tokens is not None:
-        parts.append(f"{n_tokens} tokens")
+        parts.append(f"{n_tokens} token{'s' if n_tokens != 1 else ''}")
     return " · ".join(parts)
 
 

@@ -131,6 +131,10 @@ def test_demo_in_browser(browser, server, media, capsys):
     if EMBEDDED.is_file():
         assert all(m.split("route ")[0].strip() not in ("", "(empty answer)") for m in bot_messages(page))
 
+    # show the conversation from its start (the uploaded image); the chat autoscrolls, so scroll back up
+    page.wait_for_timeout(300)
+    page.evaluate("() => { const w = document.querySelector('#phimm-chat .bubble-wrap'); if (w) w.scrollTop = 0; }")
+    page.wait_for_timeout(300)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     with capsys.disabled():
