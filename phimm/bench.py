@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -240,8 +240,6 @@ def run(args) -> dict:
     # ---- int8 ----
     del ref
     q = phimm.load(ckpt, dtype=args.dtype, threads=args.threads, quantize="int8")
-    from .quant import quantize_int8  # noqa: F401  (documents where the figures come from)
-
     q_bytes = decode_weight_bytes(q.model)
     q_dec = max(q("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
                 for _ in range(2))
@@ -386,7 +384,7 @@ def cmd_bench(args) -> int:
     if args.quick:
         args.size = "quick"
     results = run(args)
-    command = "phimm bench " + " ".join(os.sys.argv[2:]) if os.sys.argv[1:2] == ["bench"] else "phimm bench"
+    command = "phimm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "phimm bench"
     table = markdown(results, command)
     print(table)
     if args.json:

@@ -120,6 +120,14 @@ def _shorten(s: str, n: int = 160) -> str:
     return s if len(s) <= n else s[: n // 2 - 1] + "…" + s[-(n // 2) :]
 
 
+def _path_text(x: Any, name: str, kind: str, error: type) -> str:
+    """A str / PathLike as text, or `error` naming the input (e.g. bytes a PathLike cannot decode)."""
+    try:
+        return os.fsdecode(os.fspath(x))
+    except Exception as e:
+        raise error(f"cannot use {name} as an {kind} path: {e}") from None
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, (str, os.PathLike)):
         s = os.fsdecode(os.fspath(x))
@@ -367,10 +375,7 @@ def load_image(x: Any, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Im
     if isinstance(x, Image.Image):
         return _finish_image(x, name, max_pixels, given=True)
     if isinstance(x, (str, os.PathLike)):
-        try:
-            path = os.fsdecode(os.fspath(x))
-        except Exception as e:
-            raise ImageError(f"cannot use {name} as an image path: {e}") from None
+        path = _path_text(x, name, "image", ImageError)
         if path.startswith("data:"):
             data = _data_uri_bytes(path, name, "image", ImageError)
             return _open_image(io.BytesIO(data), name, max_pixels, data[:64])
@@ -649,10 +654,7 @@ class _Source:
 
 def _audio_source(x: Any, name: str) -> _Source:
     if isinstance(x, (str, os.PathLike)):
-        try:
-            path = os.fsdecode(os.fspath(x))
-        except Exception as e:
-            raise AudioError(f"cannot use {name} as an audio path: {e}") from None
+        path = _path_text(x, name, "audio", AudioError)
         if path.startswith("data:"):
             return _Source(src=_AudioBytes(_data_uri_bytes(path, name, "audio", AudioError)))
         return _Source(src=_check_file(path, name, "audio", AudioError))

@@ -18,7 +18,7 @@ from torch import nn
 from adapters import AdapterDataError, LoraAdapter, LoraLinear, RowAdapters, find_targets, wrap_targets
 from routers import AudioProjector
 
-from .errors import AdapterError, RouteError
+from .errors import AdapterError, RouteError, UnknownAdapterError
 
 # Phi-4-multimodal's LoRA targets: the four projections of every decoder layer.
 PHI4MM_LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj))"
@@ -264,15 +264,8 @@ class Phi4MMComposition(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
 
-    def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
-
     def check_route(self, adapter: str | None, projector: AudioProjector | None) -> None:
         if adapter is not None and adapter not in self.adapter_info:
-            from .errors import UnknownAdapterError
-
             raise UnknownAdapterError(
                 f"unknown adapter {adapter!r}; this model has {self.adapter_names or 'no adapters'}"
             )

@@ -39,10 +39,9 @@ class Int8Weight:
             torch.backends.quantized.engine = "fbgemm"
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
-            self.nbytes = q.numel() + scale.numel() * 4
         else:
             self.q, self.scale = q, scale
-            self.nbytes = q.numel() + scale.numel() * 4
+        self.nbytes = q.numel() + scale.numel() * 4  # int8 values + fp32 scales
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

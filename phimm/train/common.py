@@ -227,6 +227,18 @@ def build_processor(tok, cfg, opts: Options):
                      audio_token_id=cfg.audio_config.audio_token_id, crop_size=opts.crop, patch_size=opts.patch)
 
 
+def fresh_model(opts: Options, seed: int):
+    """(processor, randomly initialised model) of the run's configuration, for an encoder stage that trains its
+    tower apart from the LM (the LM stage's weights are not needed there)."""
+    from transformers import Phi4MultimodalForCausalLM
+
+    tok = build_tokenizer(opts)
+    cfg = build_config(tok, opts)
+    proc = build_processor(tok, cfg, opts)
+    torch.manual_seed(seed)
+    return proc, Phi4MultimodalForCausalLM(cfg).eval()
+
+
 def load_base(run_dir: Path):
     """(hf model, processor) of the LM stage's saved base checkpoint, everything frozen, eval mode."""
     from transformers import Phi4MultimodalForCausalLM

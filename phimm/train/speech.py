@@ -19,9 +19,9 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (AUDIO_EMBED, SPEECH_PROJ, Options, Stage, Timer, Vocab, WORDS, add_train_lora, apply_parts,
-                     build_config, build_processor, build_tokenizer, cosine_lr, lm_batch_loss, load_base,
-                     lora_state, loop, remove_train_lora, save_parts, set_lr, word_labels)
+from .common import (AUDIO_EMBED, SPEECH_PROJ, WORDS, add_train_lora, apply_parts, cosine_lr, fresh_model,
+                     lm_batch_loss, load_base, loop, lora_state, Options, remove_train_lora, save_parts, set_lr,
+                     Stage, Timer, Vocab, word_labels)
 
 
 def make_clips(proc, kind: str, n: int, seed: int, heldout: bool = False, start: int = 0, desc: str = "clips"):
@@ -96,16 +96,10 @@ def wer(refs: list[str], hyps: list[str]) -> float:
 
 
 def run_encoder(run_dir, opts: Options) -> None:
-    from transformers import Phi4MultimodalForCausalLM
-
     stage = Stage(run_dir, "speech_encoder")
     if stage.done:
         return
-    tok = build_tokenizer(opts)
-    cfg = build_config(tok, opts)
-    proc = build_processor(tok, cfg, opts)
-    torch.manual_seed(opts.seed + 1)
-    hf = Phi4MultimodalForCausalLM(cfg).eval()  # only its audio encoder is used (same init as the base's)
+    proc, hf = fresh_model(opts, opts.seed + 1)  # only its audio encoder is used (same init as the base's)
     encoder = hf.model.embed_tokens_extend.audio_embed.encoder.eval()
     # transformers' init (normal, std 0.02) leaves the conv front-end's output almost constant, and the layer
     # norms after it turn that into exploding gradients: start from PyTorch's default (fan-in) init instead

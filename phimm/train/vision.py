@@ -22,9 +22,9 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (CELL_CLASSES, IMAGE_EMBED, Options, Stage, Timer, Vocab, add_train_lora, apply_parts,
-                     build_config, build_processor, build_tokenizer, cell_grid, cosine_lr, grid_tokens, hd_geometry,
-                     lm_batch_loss, load_base, lora_state, loop, remove_train_lora, save_parts, set_lr)
+from .common import (CELL_CLASSES, IMAGE_EMBED, add_train_lora, apply_parts, cell_grid, cosine_lr, fresh_model,
+                     grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, lora_state, Options,
+                     remove_train_lora, save_parts, set_lr, Stage, Timer, Vocab)
 
 
 def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
@@ -77,16 +77,10 @@ def crop_batch(items):
 
 
 def run_encoder(run_dir, opts: Options) -> None:
-    from transformers import Phi4MultimodalForCausalLM
-
     stage = Stage(run_dir, "vision_encoder")
     if stage.done:
         return
-    tok = build_tokenizer(opts)
-    cfg = build_config(tok, opts)
-    proc = build_processor(tok, cfg, opts)
-    torch.manual_seed(opts.seed + 3)
-    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    proc, hf = fresh_model(opts, opts.seed + 3)
     ie = hf.model.embed_tokens_extend.image_embed
     siglip = ie.img_processor.eval()
     # SigLIP's last hidden states are not normalised: the classifier normalises them itself
