@@ -115,6 +115,7 @@ class LoraLinear(nn.Module):
         self.rows = rows
         self.int8 = None  # a quantized stand-in for `weight` (phimm.quant), or None
         self.packed = None  # `weight` in oneDNN's blocked layout (see `pack`), or None
+        self.pack_pending = False  # `pack(lazy=True)` was called: pack on the first forward
         self.compute_dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
         self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
         self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r]
@@ -158,14 +159,20 @@ class LoraLinear(nn.Module):
     def lora_device(self) -> torch.device:
         return self.weight.device if self.weight is not None else torch.device("cpu")
 
-    def pack(self) -> bool:
+    def pack(self, lazy: bool = False) -> bool:
         """Re-lay the (bf16, CPU) base weight out for oneDNN's matmul, which reads it 1.3-1.5x faster at decode
-        batch sizes; the plain weight is dropped (no second copy). Returns False where it does not apply."""
+        batch sizes; the plain weight is dropped (no second copy). Returns False where it does not apply.
+        `lazy`: only mark the layer, and pack it on its first forward: loading then reads no weights (a
+        memory-mapped checkpoint stays on disk until a request needs it), as a plain load does."""
         w = self.weight
         if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
             return False
+        if lazy:
+            self.pack_pending = True
+            return True
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
         self.weight = None
+        self.pack_pending = False
         return True
 
     def quantize_base(self, quantized) -> None:
@@ -183,6 +190,8 @@ class LoraLinear(nn.Module):
         return out
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pack_pending:
+            self.pack()
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.int8 is not None:

@@ -99,22 +99,33 @@ class PackedLinear(nn.Module):
     """A frozen bf16 `nn.Linear` whose weight copy is laid out for oneDNN (the tied output head: the embedding
     keeps the original for its look-ups)."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, lazy: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(base.weight.detach(), 1)
+        self._source = base.weight.detach()
+        self.packed = None
         self.bias = base.bias
+        if not lazy:
+            self._pack()
+
+    def _pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self._source, 1)
+        self._source = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 HEAD_PACK_LIMIT = 256 * 1024 * 1024  # bytes: a larger tied head is not duplicated
 
 
-def pack_weights(model) -> int:
+def pack_weights(model, lazy: bool = True) -> int:
     """Lay the decoder's bf16 projection weights out for oneDNN's matmul (CPU), in place; returns how many
-    layers were packed. A no-op for other dtypes or devices."""
+    layers were (or, `lazy`, will be) packed. A no-op for other dtypes or devices. `lazy` (the default) packs each
+    layer on its first forward, so loading a memory-mapped checkpoint reads none of its weights; the first request
+    pays for reading and packing the layers it uses."""
     from adapters import find_targets, wrap_targets
 
     if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -123,10 +134,10 @@ def pack_weights(model) -> int:
 
     paths = list(find_targets(model.hf, PHI4MM_LORA_TARGETS))  # paths only: the originals must not stay alive
     wrapped = wrap_targets(model.hf, paths, model.rows)
-    n = sum(mod.pack() for mod in wrapped.values())
+    n = sum(mod.pack(lazy=lazy) for mod in wrapped.values())
     head = model.hf.lm_head
     if type(head) is nn.Linear and head.weight.numel() * head.weight.element_size() <= HEAD_PACK_LIMIT:
-        model.hf.lm_head = PackedLinear(head)
+        model.hf.lm_head = PackedLinear(head, lazy=lazy)
         n += 1
     model.packed = True
     return n
