@@ -108,6 +108,10 @@ def child_transformers(args) -> dict:
     d = Path(args.dir)
     t0 = time.perf_counter()
     base = Phi4MultimodalForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16)
+    # SigLIP is bidirectional; transformers' vision attention says causal (see phimm.model)
+    from phimm.model import make_vision_attention_bidirectional
+
+    make_vision_attention_bidirectional(base)
     if args.skip_unused_vision_head:
         skip_vision_head(base)
     model = PeftModel.from_pretrained(base, str(d / "vision-lora"), adapter_name="vision")

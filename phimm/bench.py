@@ -100,6 +100,10 @@ class Reference:
         from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
 
         base = Phi4MultimodalForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
+        # SigLIP is bidirectional; transformers' vision attention says causal (see phimm.model)
+        from phimm.model import make_vision_attention_bidirectional
+
+        make_vision_attention_bidirectional(base)
         model = PeftModel.from_pretrained(base, str(ckpt / "vision-lora"), adapter_name="vision")
         model.load_adapter(str(ckpt / "speech-lora"), adapter_name="speech")
         self.model = model.eval()

@@ -56,6 +56,22 @@ def _skip_unused_vision_head(hf_model) -> None:
         head.forward = lambda hidden_state, attention_mask=None: None
 
 
+def make_vision_attention_bidirectional(hf_model) -> int:
+    """SigLIP attends bidirectionally (the original remote code does), but transformers' Phi-4-multimodal vision
+    attention sets `is_causal = True`. With a padding mask its sdpa call ignores that flag; without one (a crop
+    with no padding, or a batch of such crops) it runs causal attention, so the same crop is encoded differently
+    depending on whether any crop in the batch is padded. phimm clears the flag on every vision attention layer,
+    which makes every crop bidirectional as SigLIP is. Returns how many layers were changed."""
+    embed = getattr(getattr(hf_model, "model", None), "embed_tokens_extend", None)
+    tower = getattr(getattr(embed, "image_embed", None), "img_processor", None)
+    n = 0
+    for mod in tower.modules() if tower is not None else ():
+        if getattr(mod, "is_causal", False) is True:
+            mod.is_causal = False
+            n += 1
+    return n
+
+
 class FeatureCache:
     """Encoder + projector outputs of recently seen media (a multi-turn chat about one image encodes it once).
     Keyed by a hash of the processed input, so a hit returns exactly what the encoder would."""
@@ -116,6 +132,7 @@ class Phi4MMComposition(nn.Module):
         self._targets: dict[str, LoraLinear] = {}
         self.feature_cache = FeatureCache()
         _skip_unused_vision_head(hf_model)
+        make_vision_attention_bidirectional(hf_model)
         for adapter in dict(adapters).values():
             self.add_adapter(adapter)
 

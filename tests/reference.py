@@ -14,6 +14,10 @@ class Reference:
         from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
 
         base = Phi4MultimodalForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
+        # SigLIP is bidirectional; transformers' vision attention says causal (see phimm.model)
+        from phimm.model import make_vision_attention_bidirectional
+
+        make_vision_attention_bidirectional(base)
         adapters = sorted(p.name[:-5] for p in Path(ckpt).iterdir() if p.name.endswith("-lora"))
         model = PeftModel.from_pretrained(base, str(Path(ckpt) / f"{adapters[0]}-lora"), adapter_name=adapters[0])
         for name in adapters[1:]:

@@ -84,3 +84,28 @@ def test_text_route_bit_identical_without_adapters(tiny_ckpt, tiny_pipe):
     b = bare(prompt, max_new_tokens=N_NEW, output_logits=True)
     assert a.token_ids == b.token_ids
     assert torch.equal(a.logits, b.logits)
+
+
+def test_vision_tower_is_bidirectional(tiny_pipe):
+    """SigLIP attends both ways. transformers' Phi-4-multimodal vision attention is flagged causal, which its sdpa
+    call obeys only when no crop in the batch is padded; phimm clears the flag, so a crop encodes the same
+    whether or not a padded crop shares its batch, and its other patches see its last one."""
+    tower = tiny_pipe.model.hf.model.embed_tokens_extend.image_embed.img_processor
+    size, ps = tower.config.image_size, tower.config.patch_size
+    n = size // ps
+    torch.manual_seed(0)
+    px = torch.randn(2, 3, size, size, dtype=tiny_pipe.model.dtype)
+    full = torch.ones(2, n, n, dtype=torch.bool)
+    padded = full.clone()
+    padded[1, -1, :] = False
+
+    def encode(pixels, mask):
+        with torch.no_grad():
+            return tower(pixels, patch_attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+
+    alone = encode(px, full)[0]
+    beside_padded = encode(px, padded)[0]
+    torch.testing.assert_close(alone, beside_padded, rtol=1e-4, atol=1e-5)
+    moved = px.clone()
+    moved[0, :, -ps:, -ps:] += 10.0  # only the last patch changes: causal attention would hide that from the rest
+    assert not torch.allclose(encode(moved, full)[0, :-1], alone[:-1], atol=1e-4)

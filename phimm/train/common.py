@@ -46,13 +46,13 @@ class Options:
     lm_kv_heads: int = 2
     lm_intermediate: int = 384
     vocab: int = 448
-    vision_hidden: int = 64
-    vision_layers: int = 3
+    vision_hidden: int = 96
+    vision_layers: int = 4
     audio_hidden: int = 96
     audio_blocks: int = 3
     audio_conv_channels: int = 32
-    crop: int = 112
-    patch: int = 8
+    crop: int = 128
+    patch: int = 16
     lora_r: int = 8
     # stage sizes
     lm_steps: int = 3000
@@ -65,8 +65,9 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 10000
-    cell_batch: int = 24
+    cell_steps: int = 3000
+    cell_batch: int = 32
+    cell_lr: float = 1e-3
     vision_e2e_steps: int = 800
     svqa_samples: int = 1200
     vs_steps: int = 400
@@ -236,7 +237,15 @@ def fresh_model(opts: Options, seed: int):
     cfg = build_config(tok, opts)
     proc = build_processor(tok, cfg, opts)
     torch.manual_seed(seed)
-    return proc, Phi4MultimodalForCausalLM(cfg).eval()
+    return proc, bidirectional_vision(Phi4MultimodalForCausalLM(cfg).eval())
+
+
+def bidirectional_vision(hf):
+    """`hf` with SigLIP's attention bidirectional for every crop, as phimm runs it (`phimm.model`)."""
+    from ..model import make_vision_attention_bidirectional
+
+    make_vision_attention_bidirectional(hf)
+    return hf
 
 
 def load_base(run_dir: Path):
@@ -247,6 +256,7 @@ def load_base(run_dir: Path):
 
     base = Path(run_dir) / "lm" / "base"
     hf = Phi4MultimodalForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval().requires_grad_(False)
+    bidirectional_vision(hf)
     proc = Processor.from_pretrained(base, hf.config)
     return hf, proc
 
@@ -314,23 +324,6 @@ def word_labels(text: str) -> list[int]:
 # ---------------------------------------------------------------- scene grids (the image's soft tokens)
 
 
-def _inside(shape: domain.Shape, x: float, y: float) -> bool:
-    from ..toy.images import shape_outline
-
-    if shape.kind == "circle":
-        return math.dist((x, y), shape.center) <= shape.size / 2
-    pts = shape_outline(shape)
-    inside = False
-    j = len(pts) - 1
-    for i in range(len(pts)):
-        xi, yi = pts[i]
-        xj, yj = pts[j]
-        if (yi > y) != (yj > y) and x < (xj - xi) * (y - yi) / (yj - yi) + xi:
-            inside = not inside
-        j = i
-    return inside
-
-
 def hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
     """Where a `width` x `height` image lands in the single HD crop (dynamic_hd=1) and the useful cell grid."""
     ratio_w, ratio_h = crop / width, crop / height
@@ -352,26 +345,21 @@ def hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
                 cell=crop / f)
 
 
-def cell_grid(scene: domain.Scene, crop: int, patch: int) -> list[list[int]]:
-    """The f x f cell classes of the crop: the shape covering each cell's centre (background outside the image);
-    the cell holding a shape's centre always gets that shape."""
-    g = hd_geometry(scene.width, scene.height, crop, patch)
-    f, cs = g["f"], g["cell"]
-    grid = [[0] * f for _ in range(f)]
-    for r in range(f):
-        for c in range(f):
-            x, y = (c + 0.5) * cs / g["sx"], (r + 0.5) * cs / g["sy"]
-            if x >= scene.width or y >= scene.height:
-                continue
-            for s in scene.shapes:
-                if _inside(s, x, y):
-                    grid[r][c] = cell_class(s.color, s.kind)
-                    break
+SLOT_COLORS = domain.COLOR_NAMES  # scene slot k of the grid (row-major) holds the shape of colour k, if any
+
+
+def slot_grid(scene: domain.Scene, f: int) -> list[list[int]]:
+    """The f x f cell classes the vision encoder learns for a scene: colour slots. The first
+    `len(SLOT_COLORS)` cells (row-major) stand for the colours in `SLOT_COLORS` order and hold the class of that
+    colour's shape ([red_star]), or the background class when the scene has no shape of that colour; every other
+    cell is background. Colours are distinct within a scene, so the slots list the scene's shapes exactly once,
+    wherever and however large they are (SigLIP attends over the whole crop; every cell can see every shape)."""
+    if f * f < len(SLOT_COLORS):
+        raise ValueError(f"a {f}x{f} cell grid has fewer cells than the {len(SLOT_COLORS)} colour slots")
+    flat = [0] * (f * f)
     for s in scene.shapes:
-        c = min(f - 1, int(s.center[0] * g["sx"] / cs))
-        r = min(f - 1, int(s.center[1] * g["sy"] / cs))
-        grid[r][c] = cell_class(s.color, s.kind)
-    return grid
+        flat[SLOT_COLORS.index(s.color)] = cell_class(s.color, s.kind)
+    return [flat[r * f: (r + 1) * f] for r in range(f)]
 
 
 def grid_tokens(grid: list[list[int]], uh: int, uw: int, vocab: Vocab) -> list[int]:
@@ -416,14 +404,15 @@ def noisy_frames(rng: random.Random, text: str, vocab: Vocab, rate: float | None
     """The frame tokens a word-level CTC encoder emits for `text` at 80 ms frames: mostly blanks, each word as a
     spike of 1-2 frames somewhere in its 2-6 frame span."""
     out = [vocab.blank] * rng.randint(1, 6)
-    words = text.split()
-    for w in words:
+    for w in text.split():
         dur = rng.randint(2, 6)
         k = 1 if rng.random() < 0.65 else 2
         pos = rng.randint(0, dur - k)
         span = [vocab.blank] * dur
         for i in range(k):
             span[pos + i] = vocab.words[w]
+        if pos == 0 and out[-1] == vocab.words[w]:  # CTC puts a blank between a repeated word's two spikes
+            span = [vocab.blank] + span
         out += span
     out += [vocab.blank] * rng.randint(1, 6)
     return out

@@ -16,43 +16,12 @@ import random
 import torch
 
 from ..toy import domain
-from .common import (Options, Stage, Timer, Vocab, build_config, build_processor, build_tokenizer, cell_grid,
+from .common import (Options, bidirectional_vision, Stage, Timer, Vocab, build_config, build_processor, build_tokenizer,
                      cosine_lr, grid_tokens, hd_geometry, lm_batch_loss, loop, noisy_frames, random_layout_scene,
-                     set_lr)
+                     set_lr, slot_grid)
 
 TASKS = ("asr", "vqa", "svqa", "text")
-TASK_WEIGHTS = (0.25, 0.35, 0.25, 0.15)
-
-
-def corrupt(rng: random.Random, grid: list[list[int]], scene, opts: Options) -> list[list[int]]:
-    """A few cell mistakes such as a cell classifier makes: another shape kind of the same colour, or the
-    background, on a shape's border cells; never on the cell of a shape's centre."""
-    from .common import CELL_CLASSES, cell_class
-
-    if rng.random() < 0.4:
-        return grid
-    f = len(grid)
-    g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
-    centres = {(min(f - 1, int(s.center[1] * g["sy"] / g["cell"])), min(f - 1, int(s.center[0] * g["sx"] / g["cell"])))
-               for s in scene.shapes}
-    out = [row[:] for row in grid]
-    for r in range(f):
-        for c in range(f):
-            k = grid[r][c]
-            if (r, c) in centres:
-                continue
-            if k != 0 and rng.random() < 0.1:
-                color, kind = CELL_CLASSES[k][1:-1].split("_")
-                if rng.random() < 0.5:
-                    out[r][c] = 0
-                else:
-                    out[r][c] = cell_class(color, rng.choice([s for s in domain.SHAPES if s != kind]))
-            elif k == 0 and rng.random() < 0.03:
-                nb = [grid[rr][cc] for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1))
-                      if 0 <= rr < f and 0 <= cc < f and grid[rr][cc] != 0]
-                if nb:
-                    out[r][c] = rng.choice(nb)
-    return out
+TASK_WEIGHTS = (0.3, 0.3, 0.3, 0.1)
 
 
 def scene_question(rng: random.Random, scene) -> domain.Question:
@@ -74,8 +43,7 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
         scene = random_layout_scene(rng)
         q = scene_question(rng, scene)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
-        grid = corrupt(rng, cell_grid(scene, opts.crop, opts.patch), scene, opts)
-        cells = grid_tokens(grid, g["uh"], g["uw"], vocab)
+        cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
         if task == "vqa":
             ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
         else:
@@ -83,6 +51,7 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
             ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
             ids = _fill(_fill(ids, vocab.image, cells), vocab.audio, frames)
             mix = _mix_positions(rng, ids, vocab)
+        mix += _mix_positions(rng, ids, vocab, set(vocab.cells[1:]), bound=0.6)
         answer = q.answer
     else:
         prompt, answer, _ = domain.text_example(rng)
@@ -97,11 +66,14 @@ def _fill(ids: list[int], placeholder: int, values: list[int]) -> list[int]:
     return out
 
 
-def _mix_positions(rng: random.Random, ids: list[int], vocab: Vocab) -> list[tuple[int, float]]:
-    word_ids = set(vocab.words.values())
+def _mix_positions(rng: random.Random, ids: list[int], vocab: Vocab, among: set[int] | None = None,
+                   bound: float = 0.35) -> list[tuple[int, float]]:
+    """Positions of some word (or `among`) tokens to blend with the blank embedding, as an encoder's less
+    confident soft tokens are: (position, weight of the token in [bound, 0.95])."""
+    among = among if among is not None else set(vocab.words.values())
     if rng.random() < 0.5:
         return []
-    return [(i, rng.uniform(0.35, 0.95)) for i, t in enumerate(ids) if t in word_ids and rng.random() < 0.3]
+    return [(i, rng.uniform(bound, 0.95)) for i, t in enumerate(ids) if t in among and rng.random() < 0.3]
 
 
 def batch(step: int, opts: Options, vocab: Vocab, size: int, salt: str = "train"):
@@ -131,11 +103,13 @@ def run_loss(hf, examples, vocab: Vocab):
     n_prompt = [e[1] for e in examples]
     table = compound_table(hf, vocab)
 
+    cells = set(vocab.cells)
+
     def embed_fn(ids, emb):
-        blank = table[vocab.blank]
-        for i, (_, _, mix) in enumerate(examples):
-            for pos, w in mix:
-                emb[i, pos] = w * emb[i, pos] + (1 - w) * blank
+        blank, bg = table[vocab.blank], table[vocab.cells[0]]
+        for i, (row, _, mix) in enumerate(examples):
+            for pos, w in mix:  # a word fades towards the CTC blank, a scene cell towards the background
+                emb[i, pos] = w * emb[i, pos] + (1 - w) * (bg if row[pos] in cells else blank)
         return emb
 
     return lm_batch_loss(hf, rows, n_prompt, embed_fn, table=table)
@@ -163,7 +137,7 @@ def run(run_dir, opts: Options) -> None:
     cfg = build_config(tok, opts)
     vocab = Vocab(tok, cfg)
     torch.manual_seed(opts.seed)
-    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    hf = bidirectional_vision(Phi4MultimodalForCausalLM(cfg).eval())
     params = [p for n, p in hf.named_parameters() if not n.startswith("model.embed_tokens_extend.")]
     for n, p in hf.named_parameters():
         p.requires_grad_(not n.startswith("model.embed_tokens_extend."))

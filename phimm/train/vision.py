@@ -12,6 +12,7 @@ end with the LM loss on VQA answers.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -22,9 +23,9 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (CELL_CLASSES, IMAGE_EMBED, add_train_lora, apply_parts, cell_grid, cosine_lr, fresh_model,
+from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, apply_parts, cosine_lr, fresh_model,
                      grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, lora_state, Options,
-                     remove_train_lora, save_parts, set_lr, Stage, Timer, Vocab)
+                     random_layout_scene, remove_train_lora, save_parts, set_lr, slot_grid, Stage, Timer, Vocab)
 
 
 def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
@@ -61,7 +62,7 @@ def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool
             img = render_scene(scene)
         ii = proc.process_image(img)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
-        rec = dict(image=ii, grid=cell_grid(scene, opts.crop, opts.patch), uh=g["uh"], uw=g["uw"],
+        rec = dict(image=ii, grid=slot_grid(scene, g["f"]), uh=g["uh"], uw=g["uw"],
                    question=s["question"], answer=s["answer"])
         if keep_audio:
             rec["audio"] = proc.process_audio((s["audio"], s["sample_rate"]))
@@ -70,10 +71,76 @@ def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool
 
 
 def crop_batch(items):
-    px = torch.cat([it["image"].pixel_values for it in items])  # [B*2, 3, crop, crop]
-    mask = torch.cat([it["image"].attention_mask for it in items]).bool()
-    labels = torch.tensor([sum(it["grid"], []) for it in items for _ in range(it["image"].pixel_values.shape[0])])
+    """(pixels, patch masks, cell labels) of the first crop of each item (with dynamic_hd=1 the sub-crop and the
+    global crop of an image are the same picture)."""
+    px = torch.stack([it["image"].pixel_values[0] for it in items])
+    mask = torch.stack([it["image"].attention_mask[0] for it in items]).bool()
+    labels = torch.tensor([sum(it["grid"], []) for it in items])
     return px, mask, labels
+
+
+def patch_labels(scene: domain.Scene, crop: int, patch: int) -> list[int]:
+    """The class of the shape under each patch centre of the (single, padded) HD crop, row-major (background
+    outside the shapes and in the padding): dense labels that teach SigLIP's middle layers what shapes look like,
+    the local evidence the colour slots are read from."""
+    from PIL import Image, ImageDraw
+
+    from ..toy.images import shape_outline
+
+    g = hd_geometry(scene.width, scene.height, crop, patch)
+    label = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(label)
+    for s in scene.shapes:
+        k = CELL_CLASSES.index(f"[{s.color}_{s.kind}]")
+        if s.kind == "circle":
+            (cx, cy), r = s.center, s.size / 2
+            draw.ellipse([cx - r, cy - r, cx + r - 1, cy + r - 1], fill=k)
+        else:
+            draw.polygon(shape_outline(s), fill=k)
+    ms = crop // patch
+    out = []
+    for r in range(ms):
+        for c in range(ms):
+            x, y = (c + 0.5) * patch / g["sx"], (r + 0.5) * patch / g["sy"]
+            out.append(label.getpixel((int(x), int(y))) if x < scene.width and y < scene.height else 0)
+    return out
+
+
+def cell_features(ie, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, cells, H] from SigLIP patch states [B, patches, H], pooled as `get_img_features` pools them."""
+    w = int(math.isqrt(hidden.shape[1]))
+    x = hidden.view(-1, w, w, hidden.shape[-1]).permute(0, 3, 1, 2)
+    if getattr(ie, "img_processor_padding", None) is not None:
+        x = ie.img_processor_padding(x)
+    x = ie.image_token_compression(x).permute(0, 2, 3, 1)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
+    """`n` newly drawn scenes (a third of them on non-square canvases), rendered and processed as at inference:
+    the encoder never sees an image twice, so it learns the shapes, not the training set."""
+    from ..toy.images import render_scene
+
+    px, mask, labels, local = [], [], [], []
+    for _ in range(n):
+        scene = random_layout_scene(rng)
+        ii = proc.process_image(render_scene(scene))
+        g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
+        k = rng.randrange(ii.pixel_values.shape[0])
+        px.append(ii.pixel_values[k])
+        mask.append(ii.attention_mask[k])
+        labels.append(sum(slot_grid(scene, g["f"]), []))
+        local.append(patch_labels(scene, opts.crop, opts.patch))
+    return torch.stack(px), torch.stack(mask).bool(), torch.tensor(labels), torch.tensor(local)
+
+
+def slot_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy of the colour slots: per slot holding a shape, and whole scenes (every slot right)."""
+    n = len(SLOT_COLORS)
+    pred, gold = logits[:, :n].argmax(-1), labels[:, :n]
+    held = gold != 0
+    return {"shape_slot_acc": round((pred[held] == gold[held]).float().mean().item(), 4),
+            "scene_acc": round((pred == gold).all(-1).float().mean().item(), 4)}
 
 
 def run_encoder(run_dir, opts: Options) -> None:
@@ -82,16 +149,20 @@ def run_encoder(run_dir, opts: Options) -> None:
         return
     proc, hf = fresh_model(opts, opts.seed + 3)
     ie = hf.model.embed_tokens_extend.image_embed
-    siglip = ie.img_processor.eval()
+    siglip = ie.img_processor.train()
+    for m in siglip.modules():  # as for the conformer: PyTorch's fan-in init trains faster from scratch
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.reset_parameters()
     # SigLIP's last hidden states are not normalised: the classifier normalises them itself
     head = nn.Sequential(nn.LayerNorm(opts.vision_hidden), nn.Linear(opts.vision_hidden, len(CELL_CLASSES)))
-    items = make_images(proc, opts, "vqa", opts.vqa_samples, opts.seed, desc="vision_encoder:data")
-    dev = make_images(proc, opts, "vqa", max(16, opts.eval_vqa // 2), opts.seed + 1000, heldout=True,
+    local_head = nn.Sequential(nn.LayerNorm(opts.vision_hidden), nn.Linear(opts.vision_hidden, len(CELL_CLASSES)))
+    mid = max(1, opts.vision_layers // 2)  # the hidden state the dense patch labels supervise
+    dev = make_images(proc, opts, "vqa", max(32, opts.eval_vqa), opts.seed + 1000, heldout=True,
                       desc="vision_encoder:dev")
-    params = list(siglip.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    weight = torch.ones(len(CELL_CLASSES))
-    weight[0] = 0.3
+    params = list(siglip.parameters()) + list(head.parameters()) + list(local_head.parameters())
+    slot_weight = torch.ones(len(CELL_CLASSES))
+    slot_weight[1:] = 4.0  # the shapes, not the (many, easy) empty slots and cells
+    opt = torch.optim.AdamW(params, lr=opts.cell_lr, weight_decay=0.01)
     state = stage.load_state()
     start = 0
     if state is not None:
@@ -100,43 +171,44 @@ def run_encoder(run_dir, opts: Options) -> None:
         opt.load_state_dict(state["opt"])
         start = state["step"]
     timer = Timer(stage.elapsed_before(state) + (time.time() - stage.t0))
-    order: list[int] = []
-    epoch = 0
-    while len(order) < opts.cell_steps * opts.cell_batch:
-        perm = list(range(len(items)))
-        random.Random(f"cells:{opts.seed}:{epoch}").shuffle(perm)
-        order += perm
-        epoch += 1
-    for step in loop(stage, opts.cell_steps, start, "cells"):
-        set_lr(opt, cosine_lr(step, opts.cell_steps, 2e-3, warmup=min(100, opts.cell_steps // 10)))
-        batch = [items[i] for i in order[step * opts.cell_batch: (step + 1) * opts.cell_batch]]
-        px, mask, labels = crop_batch(batch)
-        # one of the two (nearly identical) crops of each image: the global one or the padded sub-crop
-        pick = torch.tensor([2 * i + random.Random(f"crop:{opts.seed}:{step}:{i}").randint(0, 1)
-                             for i in range(len(batch))])
-        px, mask, labels = px[pick], mask[pick], labels[pick]
-        logits = head(ie.get_img_features(px, mask))
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=weight)
+
+    def dev_scores():
+        with torch.no_grad():
+            px, mask, labels = crop_batch(dev)
+            return slot_scores(head(ie.get_img_features(px, mask)), labels)
+
+    for step in loop(stage, opts.cell_steps, start, "slots"):
+        set_lr(opt, cosine_lr(step, opts.cell_steps, opts.cell_lr, warmup=min(200, opts.cell_steps // 10)))
+        px, mask, labels, local = fresh_batch(proc, opts, random.Random(f"slots:{opts.seed}:{step}"),
+                                              opts.cell_batch)
+        states = siglip(px, patch_attention_mask=mask, output_hidden_states=True).hidden_states
+        logits = head(cell_features(ie, states[-1]))
+        local_logits = local_head(states[mid])
+        loss = (nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            weight=slot_weight)
+                + 0.5 * nn.functional.cross_entropy(local_logits.reshape(-1, local_logits.shape[-1]),
+                                                    local.reshape(-1)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 10 == 0 or step == opts.cell_steps - 1:
-            stage.log(step=step, loss=round(loss.item(), 4))
+            with torch.no_grad():
+                on_shape = local != 0
+                local_acc = (local_logits.argmax(-1)[on_shape] == local[on_shape]).float().mean().item()
+            stage.log(step=step, loss=round(loss.item(), 4), shape_patch_acc=round(local_acc, 4),
+                      **slot_scores(logits.detach(), labels))
+        if step % 500 == 499:
+            stage.log(step=step, dev=dev_scores())
         if stage.due():
             stage.save_state({"siglip": siglip.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
                               "step": step + 1, "elapsed": timer()})
-    with torch.no_grad():
-        px, mask, labels = crop_batch(dev)
-        pred = head(ie.get_img_features(px, mask)).argmax(-1)
-        shape_cells = labels != 0
-        acc = (pred[shape_cells] == labels[shape_cells]).float().mean().item()
-        bg_acc = (pred[~shape_cells] == 0).float().mean().item()
-    stage.log(event="end", heldout_shape_cell_acc=round(acc, 4), heldout_bg_cell_acc=round(bg_acc, 4))
+    siglip.eval()
+    scores = dev_scores()
+    stage.log(event="end", heldout=scores)
     save_parts(hf, stage, (IMAGE_EMBED + "img_processor.",))
     torch.save(head.state_dict(), stage.dir / "cell_head.pt")
-    stage.finish(wall_s=timer(), heldout_shape_cell_acc=round(acc, 4), heldout_bg_cell_acc=round(bg_acc, 4),
-                 steps=opts.cell_steps)
+    stage.finish(wall_s=timer(), heldout=scores, steps=opts.cell_steps)
     if stage.state_path.exists():
         stage.state_path.unlink()
 
