@@ -90,3 +90,35 @@ def test_rerun_skips_finished_stages(run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "start" not in proc.stdout
     assert json.loads((run / "timings.json").read_text())["this_invocation_s"] < 10
+
+
+def test_scene_targets():
+    """The vision targets: each shape's class in its colour's slot (wherever the shape is), the background
+    elsewhere; dense patch labels under the shapes; noisy CTC frames keep a blank between a repeated word."""
+    import random
+
+    from phimm.toy.domain import WHITE, Scene, Shape
+    from phimm.train.common import (CELL_CLASSES, SLOT_COLORS, Options, Vocab, build_config, build_tokenizer,
+                                    cell_class, noisy_frames, slot_grid)
+    from phimm.train.vision import patch_labels
+
+    scene = Scene(160, 160, WHITE, (Shape("star", "blue", (40.0, 40.0), 60.0),
+                                    Shape("circle", "white", (120.0, 120.0), 50.0)))
+    flat = sum(slot_grid(scene, 4), [])
+    assert flat[SLOT_COLORS.index("blue")] == cell_class("blue", "star")
+    assert flat[SLOT_COLORS.index("white")] == cell_class("white", "circle")
+    assert sum(k != 0 for k in flat) == 2
+    labels = patch_labels(scene, 128, 16)  # 8 x 8 patches of 20 image pixels
+    assert labels[6 * 8 + 6] == cell_class("white", "circle")  # the patch around (130, 130)
+    assert labels[2 * 8 + 1] == cell_class("blue", "star")  # around (30, 50): inside the star's lower arms
+    assert labels[0] == labels[7] == 0 and set(labels) <= set(range(len(CELL_CLASSES)))
+    wide = Scene(256, 128, WHITE, (Shape("square", "red", (200.0, 64.0), 40.0),))
+    assert patch_labels(wide, 128, 16)[7 * 8] == 0  # the padding under a wide image
+
+    opts = Options(**{"lm_hidden": 32})
+    tok = build_tokenizer(opts)
+    vocab = Vocab(tok, build_config(tok, opts))
+    for seed in range(50):
+        frames = noisy_frames(random.Random(seed), "four four four", vocab)
+        spikes = [f for i, f in enumerate(frames) if f != vocab.blank and (i == 0 or frames[i - 1] != f)]
+        assert len(spikes) == 3, frames  # CTC collapse reads three words

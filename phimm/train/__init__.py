@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("lm", "speech_encoder", "vision_encoder", "speech", "vision", "vision_speech", "export", "eval")
+# in launch order: the longest independent stage first, so the two workers finish their first stages together
+STAGES = ("vision_encoder", "lm", "speech_encoder", "speech", "vision", "vision_speech", "export", "eval")
 DEPS = {
     "lm": (),
     "speech_encoder": (),

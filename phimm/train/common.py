@@ -55,20 +55,22 @@ class Options:
     patch: int = 16
     lora_r: int = 8
     # stage sizes
-    lm_steps: int = 3000
+    lm_steps: int = 6000
     lm_batch: int = 32
     lm_lr: float = 2e-3
+    lm_is_there_weight: float = 1.0  # how often scene questions are "is there ..." (relative to each other type)
+    lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
     asr_samples: int = 6000
-    ctc_steps: int = 2000
+    ctc_steps: int = 3000
     ctc_batch: int = 24
     proj_steps: int = 1500
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 3000
+    cell_steps: int = 7000
     cell_batch: int = 32
     cell_lr: float = 1e-3
-    vision_e2e_steps: int = 800
+    vision_e2e_steps: int = 1500
     svqa_samples: int = 1200
     vs_steps: int = 400
     eval_asr: int = 150

@@ -21,11 +21,17 @@ from .common import (Options, bidirectional_vision, Stage, Timer, Vocab, build_c
                      set_lr, slot_grid)
 
 TASKS = ("asr", "vqa", "svqa", "text")
-TASK_WEIGHTS = (0.3, 0.3, 0.3, 0.1)
+TASK_WEIGHTS = (0.25, 0.35, 0.3, 0.1)
 
 
-def scene_question(rng: random.Random, scene) -> domain.Question:
-    qtype = rng.choice(domain.available_question_types(scene))
+def scene_question(rng: random.Random, scene, is_there_weight: float = 1.0) -> domain.Question:
+    """A question about `scene`; "is_there" (colour and shape bound together) `is_there_weight` times as often
+    as each other type."""
+    types = domain.available_question_types(scene)
+    if is_there_weight == 1.0:
+        qtype = rng.choice(types)
+    else:
+        qtype = rng.choices(types, [is_there_weight if t == "is_there" else 1.0 for t in types])[0]
     return domain.question_for_scene(rng, scene, qtype)
 
 
@@ -38,10 +44,10 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
         ids = vocab.prompt(domain.ASR_INSTRUCTION, n_audio=len(frames))
         ids = _fill(ids, vocab.audio, frames)
         answer = text
-        mix = _mix_positions(rng, ids, vocab)
+        mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
     elif task in ("vqa", "svqa"):
         scene = random_layout_scene(rng)
-        q = scene_question(rng, scene)
+        q = scene_question(rng, scene, opts.lm_is_there_weight)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
         if task == "vqa":
@@ -50,8 +56,8 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
             frames = noisy_frames(rng, q.text, vocab)
             ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
             ids = _fill(_fill(ids, vocab.image, cells), vocab.audio, frames)
-            mix = _mix_positions(rng, ids, vocab)
-        mix += _mix_positions(rng, ids, vocab, set(vocab.cells[1:]), bound=0.6)
+            mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
+        mix += _mix_positions(rng, ids, vocab, set(vocab.cells[1:]), bound=max(0.6, opts.lm_mix_floor))
         answer = q.answer
     else:
         prompt, answer, _ = domain.text_example(rng)
