@@ -6,9 +6,9 @@
 Stages (each in `{run}/{stage}/`: `log.jsonl` of losses, `state.pt` while running, `done.json` when finished;
 rerunning skips finished stages and resumes an interrupted one from its last state):
 
-    lm              base LM on chat-formatted domain text, soft-token transcripts and scene grids; then frozen
+    lm              base LM on chat-formatted domain text, soft-token transcripts and slot grids; then frozen
     speech_encoder  conformer + word-level CTC head                          (independent of lm)
-    vision_encoder  SigLIP + per-cell scene classifier                       (independent of lm)
+    vision_encoder  SigLIP + colour-slot classifier, fresh images each step  (independent of lm)
     speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm, speech_encoder)
     vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm, vision_encoder)
     vision_speech   vision-speech projector, end to end on spoken image questions   (speech, vision)

@@ -2,8 +2,8 @@
 
 Chat-formatted examples, one task per batch:
 - asr: a noisy CTC frame transcript in the audio placeholders + the ASR instruction -> the clean transcript
-- vqa: a scene grid of cell tokens in the image placeholders (phimm's HD layout) + a question -> the answer
-- svqa: a scene grid + a noisy spoken question + the spoken-question instruction -> the answer
+- vqa: a slot grid of cell tokens in the image placeholders (phimm's HD layout) + a question -> the answer
+- svqa: a slot grid + a noisy spoken question + the spoken-question instruction -> the answer
 - text: the toy domain's text tasks (copy, look-up, describe)
 Afterwards the base is frozen for good: `{run}/lm/base/` is a transformers-native checkpoint with tokenizer and
 processor files; every later stage starts from it.

@@ -1,12 +1,14 @@
 """Stages `vision_encoder` and `vision`.
 
-vision_encoder: SigLIP (transformers' `Phi4MultimodalVisionModel`, the tiny config's vision part) with a
-per-cell classifier on the pooled 2x2-patch cell features that `Phi4MultimodalImageEmbedding.get_img_features`
-produces, predicting each cell's (colour, shape) class or the background (the image counterpart of CTC).
+vision_encoder: SigLIP (transformers' `Phi4MultimodalVisionModel`, the tiny config's vision part), trained from
+scratch on scenes drawn afresh every step, with a classifier on the pooled 2x2-patch cell features that
+`Phi4MultimodalImageEmbedding.get_img_features` produces. Its targets are colour slots (`slot_grid`): the first
+cells of the grid stand for the colours and hold the class of that colour's shape, or the background. A second
+head gives dense supervision: the shape class under each patch, on a middle layer.
 
 vision: with the base LM frozen, the image projector and the learnt separator vectors are fitted (MSE) so that
-every image token is the LM embedding of its cell's class token or of the separator token: the LM reads an image
-as the scene grids it was pretrained on. Then projector, separators and the vision LoRA are fine-tuned end to
+every image token is the LM embedding of its cell's target token or of the separator token: the LM reads an image
+as the slot grids it was pretrained on. Then projector, separators and the vision LoRA are fine-tuned end to
 end with the LM loss on VQA answers.
 """
 
