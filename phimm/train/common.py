@@ -384,17 +384,21 @@ def random_layout_scene(rng: random.Random) -> domain.Scene:
 
     side = rng.randint(96, 256)
     scene = random_scene(rng, size=side)
+    return scene if rng.random() < 0.5 else widen(rng, scene)
+
+
+def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
+    """The scene on a wider or taller canvas (shapes shifted), still 96..256 px a side."""
+    side = scene.width
+    if side >= 248:
+        return scene
+    other = rng.randint(side + 8, 256)
+    d = rng.uniform(0, other - side)
     if rng.random() < 0.5:
-        return scene
-    other = rng.randint(min(256, side + 8), 256) if side < 248 else side
-    if other == side:
-        return scene
-    dx = rng.uniform(0, other - side)
-    if rng.random() < 0.5:  # wider
-        shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0] + dx, s.center[1]), s.size, s.rotation)
+        shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0] + d, s.center[1]), s.size, s.rotation)
                        for s in scene.shapes)
         return domain.Scene(other, side, scene.background, shapes, scene.antialias)
-    shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0], s.center[1] + dx), s.size, s.rotation)
+    shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0], s.center[1] + d), s.size, s.rotation)
                    for s in scene.shapes)
     return domain.Scene(side, other, scene.background, shapes, scene.antialias)
 

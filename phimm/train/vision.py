@@ -27,23 +27,8 @@ from ..toy import data as toy_data
 from ..toy import domain
 from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, apply_parts, cosine_lr, fresh_model,
                      grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, lora_state, Options,
-                     random_layout_scene, remove_train_lora, save_parts, set_lr, slot_grid, Stage, Timer, Vocab)
-
-
-def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
-    """The scene on a wider or taller canvas (shapes shifted), still 96..256 px a side."""
-    side = scene.width
-    if side >= 248:
-        return scene
-    other = rng.randint(side + 8, 256)
-    d = rng.uniform(0, other - side)
-    if rng.random() < 0.5:
-        shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0] + d, s.center[1]), s.size, s.rotation)
-                       for s in scene.shapes)
-        return domain.Scene(other, side, scene.background, shapes, scene.antialias)
-    shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0], s.center[1] + d), s.size, s.rotation)
-                   for s in scene.shapes)
-    return domain.Scene(side, other, scene.background, shapes, scene.antialias)
+                     random_layout_scene, remove_train_lora, save_parts, set_lr, slot_grid, Stage, Timer, Vocab,
+                     widen)
 
 
 def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool = False, desc: str = "images",
