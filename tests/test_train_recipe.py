@@ -122,3 +122,32 @@ def test_scene_targets():
         frames = noisy_frames(random.Random(seed), "four four four", vocab)
         spikes = [f for i, f in enumerate(frames) if f != vocab.blank and (i == 0 or frames[i - 1] != f)]
         assert len(spikes) == 3, frames  # CTC collapse reads three words
+
+
+def test_stage_resume_restores_everything_or_refuses(tmp_path):
+    """A stage's state.pt brings back every module it names, the optimiser, the step and the time; a state that
+    lacks one of them (written by another version of the stage) is refused, never half-applied."""
+    import torch
+
+    from phimm.train.common import Stage
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(list(a.parameters()) + list(b.parameters()), lr=0.1)
+    (a(torch.randn(4, 3)).sum() + b(torch.randn(4, 2)).sum()).backward()
+    opt.step()
+    stage = Stage(tmp_path, "s")
+    assert stage.resume(opt, a=a, b=b) == (0, 0.0)
+    stage.checkpoint(7, 12.5, opt, a=a, b=b)
+
+    a2, b2 = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt2 = torch.optim.AdamW(list(a2.parameters()) + list(b2.parameters()), lr=0.1)
+    assert stage.resume(opt2, a=a2, b=b2) == (7, 12.5)
+    assert torch.equal(a2.weight, a.weight) and torch.equal(b2.bias, b.bias)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+
+    c = torch.nn.Linear(2, 2)
+    before = c.weight.clone()
+    with pytest.raises(RuntimeError, match="lacks"):
+        stage.resume(opt2, a=a2, b=b2, c=c)
+    assert torch.equal(c.weight, before)

@@ -151,8 +151,24 @@ class Stage:
                **prev, **info}
         self.done_path.write_text(json.dumps(rec, indent=2) + "\n")
 
-    def elapsed_before(self, state: dict | None) -> float:
-        return float(state.get("elapsed", 0.0)) if state else 0.0
+    def resume(self, opt, **modules) -> tuple[int, float]:
+        """Load the last `state.pt` (if any) into `modules` (by name) and the optimiser, all or nothing:
+        (the step to continue from, seconds the stage had run before)."""
+        state = self.load_state()
+        if state is None:
+            return 0, 0.0
+        missing = [k for k in (*modules, "opt", "step") if k not in state]
+        if missing:
+            raise RuntimeError(f"{self.state_path} lacks {missing}; delete it to restart the stage")
+        for name, mod in modules.items():
+            mod.load_state_dict(state[name])
+        opt.load_state_dict(state["opt"])
+        return int(state["step"]), float(state.get("elapsed", 0.0))
+
+    def checkpoint(self, step: int, elapsed: float, opt, **modules) -> None:
+        """Save what `resume` reads back: the modules (by name), the optimiser, the next step, the time so far."""
+        self.save_state({**{name: mod.state_dict() for name, mod in modules.items()}, "opt": opt.state_dict(),
+                         "step": step, "elapsed": elapsed})
 
 
 class Timer:

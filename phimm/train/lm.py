@@ -148,15 +148,10 @@ def run(run_dir, opts: Options) -> None:
     for n, p in hf.named_parameters():
         p.requires_grad_(not n.startswith("model.embed_tokens_extend."))
     opt = torch.optim.AdamW(params, lr=opts.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    state = stage.load_state()
-    start = 0
-    if state is not None:
-        hf.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    else:
+    start, before = stage.resume(opt, model=hf)
+    if start == 0:
         stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab))
-    timer = Timer(stage.elapsed_before(state))
+    timer = Timer(before)
     for step in loop(stage, opts.lm_steps, start, "text"):
         set_lr(opt, cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)))
         ex = batch(step, opts, vocab, opts.lm_batch)
@@ -168,8 +163,7 @@ def run(run_dir, opts: Options) -> None:
         if step % 10 == 0 or step == opts.lm_steps - 1:
             stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
         if stage.due():
-            stage.save_state({"model": hf.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                              "elapsed": timer()})
+            stage.checkpoint(step + 1, timer(), opt, model=hf)
     final = eval_acc(hf, opts, vocab)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)

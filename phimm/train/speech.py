@@ -116,14 +116,8 @@ def run_encoder(run_dir, opts: Options) -> None:
         encoder.encoder_embedding.global_invstd.copy_(1.0 / allf.std(0).clamp(min=1e-3))
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    state = stage.load_state()
-    start = 0
-    if state is not None:
-        encoder.load_state_dict(state["encoder"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    timer = Timer(stage.elapsed_before(state) + (time.time() - stage.t0))
+    start, before = stage.resume(opt, encoder=encoder, head=head)
+    timer = Timer(before + (time.time() - stage.t0))
     lengths = [c[0].shape[0] for c in clips]
     plan: list[list[int]] = []
     epoch = 0
@@ -148,8 +142,7 @@ def run_encoder(run_dir, opts: Options) -> None:
         if step % 10 == 0 or step == opts.ctc_steps - 1:
             stage.log(step=step, loss=round(loss.item(), 4))
         if stage.due():
-            stage.save_state({"encoder": encoder.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                              "step": step + 1, "elapsed": timer()})
+            stage.checkpoint(step + 1, timer(), opt, encoder=encoder, head=head)
     encoder.eval()
     enc_dev = encode(encoder, head, dev)
     dev_wer = wer([t for _, _, t in enc_dev], [ctc_greedy(lp, lp.shape[0]) for _, lp, _ in enc_dev])

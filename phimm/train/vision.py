@@ -150,14 +150,8 @@ def run_encoder(run_dir, opts: Options) -> None:
     slot_weight = torch.ones(len(CELL_CLASSES))
     slot_weight[1:] = 4.0  # the shapes, not the (many, easy) empty slots and cells
     opt = torch.optim.AdamW(params, lr=opts.cell_lr, weight_decay=0.01)
-    state = stage.load_state()
-    start = 0
-    if state is not None:
-        siglip.load_state_dict(state["siglip"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    timer = Timer(stage.elapsed_before(state) + (time.time() - stage.t0))
+    start, before = stage.resume(opt, siglip=siglip, head=head, local_head=local_head)
+    timer = Timer(before + (time.time() - stage.t0))
 
     def dev_scores():
         with torch.no_grad():
@@ -188,8 +182,7 @@ def run_encoder(run_dir, opts: Options) -> None:
         if step % 500 == 499:
             stage.log(step=step, dev=dev_scores())
         if stage.due():
-            stage.save_state({"siglip": siglip.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                              "step": step + 1, "elapsed": timer()})
+            stage.checkpoint(step + 1, timer(), opt, siglip=siglip, head=head, local_head=local_head)
     siglip.eval()
     scores = dev_scores()
     stage.log(event="end", heldout=scores)
