@@ -46,12 +46,17 @@ class AudioInput:
     seconds: float
 
 
+def _vision_tower(hf_model):
+    """The SigLIP module of a `Phi4MultimodalForCausalLM`, or None for a model without one."""
+    embed = getattr(getattr(hf_model, "model", None), "embed_tokens_extend", None)
+    return getattr(getattr(embed, "image_embed", None), "img_processor", None)
+
+
 def _skip_unused_vision_head(hf_model) -> None:
     """SigLIP's pooling head: Phi-4-multimodal reads hidden_states[-2] and never the head's output, and in bf16 on
     CPU its nn.MultiheadAttention allocates ~5 GB for a moment at full size. Its weights stay in the state dict
     (checkpoints keep their keys); only its forward is skipped."""
-    embed = getattr(getattr(hf_model, "model", None), "embed_tokens_extend", None)
-    head = getattr(getattr(getattr(embed, "image_embed", None), "img_processor", None), "head", None)
+    head = getattr(_vision_tower(hf_model), "head", None)
     if head is not None:
         head.forward = lambda hidden_state, attention_mask=None: None
 
@@ -62,8 +67,7 @@ def make_vision_attention_bidirectional(hf_model) -> int:
     with no padding, or a batch of such crops) it runs causal attention, so the same crop is encoded differently
     depending on whether any crop in the batch is padded. phimm clears the flag on every vision attention layer,
     which makes every crop bidirectional as SigLIP is. Returns how many layers were changed."""
-    embed = getattr(getattr(hf_model, "model", None), "embed_tokens_extend", None)
-    tower = getattr(getattr(embed, "image_embed", None), "img_processor", None)
+    tower = _vision_tower(hf_model)
     n = 0
     for mod in tower.modules() if tower is not None else ():
         if getattr(mod, "is_causal", False) is True:
