@@ -124,6 +124,53 @@ def test_scene_targets():
         assert len(spikes) == 3, frames  # CTC collapse reads three words
 
 
+def test_set_option_parses_its_type():
+    """`--set key=value` takes the option's type: "false" turns a boolean off (bool("false") would be True);
+    unknown keys and values of the wrong type stop with a message naming them."""
+    from phimm.train import parse_option
+    from phimm.train.common import Options
+
+    opts = Options()
+    assert parse_option(opts, "lm_compile", "false") is False
+    assert parse_option(opts, "lm_compile", "True") is True
+    assert parse_option(opts, "lm_steps", "9000") == 9000
+    assert parse_option(opts, "lm_mix_floor", "0.6") == 0.6
+    for key, value, said in (("lm_compile", "maybe", "boolean"), ("lm_steps", "9k", "int"),
+                             ("lm_stepz", "1", "unknown option 'lm_stepz'")):
+        with pytest.raises(SystemExit, match=said):
+            parse_option(opts, key, value)
+
+
+def test_lm_stage_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):
+    """`lm_compile`: when torch.compile cannot build the decoder (no C++ compiler here, say), the LM stage logs why
+    and trains eagerly, with no gradient left behind by the failed try."""
+    import torch
+    from transformers import Phi4MultimodalForCausalLM
+
+    from phimm.train import lm
+    from phimm.train.common import Options, Stage, Vocab, build_config, build_tokenizer
+
+    opts = Options(**{"lm_hidden": 32, "lm_layers": 1, "lm_intermediate": 64})
+    tok = build_tokenizer(opts)
+    cfg = build_config(tok, opts)
+    hf = Phi4MultimodalForCausalLM(cfg)
+
+    def broken(module, **kw):
+        def run(**inputs):
+            out = module(**inputs)  # gradients reach the parameters before the failure
+            out.last_hidden_state.sum().backward()
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    stage = Stage(tmp_path, "lm")
+    assert lm.compiled_body(hf, opts, Vocab(tok, cfg), stage) is None
+    events = [json.loads(line) for line in stage.log_path.read_text().splitlines()]
+    assert events[0]["event"] == "compile_failed" and "no C++ compiler" in events[0]["error"]
+    assert events[1]["event"] == "eager"
+    assert all(p.grad is None for p in hf.parameters())
+
+
 def test_stage_resume_restores_everything_or_refuses(tmp_path):
     """A stage's state.pt brings back every module it names, the optimiser, the step and the time; a state that
     lacks one of them (written by another version of the stage) is refused, never half-applied."""

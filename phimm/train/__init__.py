@@ -138,10 +138,7 @@ def cmd_train(args) -> int:
         opts = Options(seed=args.seed, **PRESETS[args.preset])
         for kv in args.set:
             k, _, v = kv.partition("=")
-            if k not in Options.__dataclass_fields__:
-                raise SystemExit(f"unknown option {k!r}")
-            cur = getattr(opts, k)
-            setattr(opts, k, type(cur)(v))
+            setattr(opts, k, parse_option(opts, k, v))
         opts.save(opts_path)
     if args.stage:
         run_stage(args.stage, run_dir, export_dir)
@@ -151,6 +148,24 @@ def cmd_train(args) -> int:
     summary = run_recipe(run_dir, export_dir, args.workers or opts.workers, stages)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def parse_option(opts, key: str, value: str):
+    """`--set key=value` as the option's own type (booleans: true/false, 1/0, yes/no); SystemExit saying what is
+    wrong for an unknown key or a value of the wrong type."""
+    fields = type(opts).__dataclass_fields__
+    if key not in fields:
+        raise SystemExit(f"unknown option {key!r}; known: {', '.join(fields)}")
+    kind = type(getattr(opts, key))
+    if kind is bool:
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if value.strip().lower() not in words:
+            raise SystemExit(f"option {key} is a boolean; got {value!r} (use true or false)")
+        return words[value.strip().lower()]
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"option {key} is {kind.__name__}; got {value!r}") from None
 
 
 def register(subparsers) -> None:

@@ -104,7 +104,7 @@ def compound_table(hf, vocab: Vocab) -> torch.Tensor:
     return w.index_add(0, idx_t, add)
 
 
-def run_loss(hf, examples, vocab: Vocab):
+def run_loss(hf, examples, vocab: Vocab, body=None):
     rows = [e[0] for e in examples]
     n_prompt = [e[1] for e in examples]
     table = compound_table(hf, vocab)
@@ -118,7 +118,26 @@ def run_loss(hf, examples, vocab: Vocab):
                 emb[i, pos] = w * emb[i, pos] + (1 - w) * (bg if row[pos] in cells else blank)
         return emb
 
-    return lm_batch_loss(hf, rows, n_prompt, embed_fn, table=table)
+    return lm_batch_loss(hf, rows, n_prompt, embed_fn, table=table, body=body)
+
+
+def compiled_body(hf, opts: Options, vocab: Vocab, stage: Stage):
+    """`torch.compile(hf.model)` (dynamic shapes), once a forward and backward pass through it have worked; else
+    None (eager), with the reason logged. The compiled module shares `hf`'s parameters: nothing else changes."""
+    import time
+
+    t0 = time.time()
+    try:
+        body = torch.compile(hf.model, dynamic=True)
+        loss, _ = run_loss(hf, batch(0, opts, vocab, 2, salt="compile"), vocab, body)
+        loss.backward()
+    except Exception as e:  # no C++ compiler, an unsupported op: train eagerly (same results, slower)
+        stage.log(event="compile_failed", error=repr(e)[:500])
+        body = None
+    for p in hf.parameters():
+        p.grad = None
+    stage.log(event="compiled" if body is not None else "eager", s=round(time.time() - t0, 1))
+    return body
 
 
 def eval_acc(hf, opts: Options, vocab: Vocab) -> dict:
@@ -152,10 +171,11 @@ def run(run_dir, opts: Options) -> None:
     if start == 0:
         stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab))
     timer = Timer(before)
+    body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
     for step in loop(stage, opts.lm_steps, start, "text"):
         set_lr(opt, cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)))
         ex = batch(step, opts, vocab, opts.lm_batch)
-        loss, acc = run_loss(hf, ex, vocab)
+        loss, acc = run_loss(hf, ex, vocab, body)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
