@@ -158,10 +158,10 @@ def parse_option(opts, key: str, value: str):
         raise SystemExit(f"unknown option {key!r}; known: {', '.join(fields)}")
     kind = type(getattr(opts, key))
     if kind is bool:
-        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        if value.strip().lower() not in words:
+        word = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value.strip().lower())
+        if word is None:
             raise SystemExit(f"option {key} is a boolean; got {value!r} (use true or false)")
-        return words[value.strip().lower()]
+        return word
     try:
         return kind(value)
     except ValueError:
