@@ -158,7 +158,8 @@ def parse_option(opts, key: str, value: str):
         raise SystemExit(f"unknown option {key!r}; known: {', '.join(fields)}")
     kind = type(getattr(opts, key))
     if kind is bool:
-        word = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(value.strip().lower())
+        truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        word = truth.get(value.strip().lower())
         if word is None:
             raise SystemExit(f"option {key} is a boolean; got {value!r} (use true or false)")
         return word
