@@ -92,21 +92,32 @@ def workload(spec, seed: int = 0):
 ADAPTER = {"text": None, "image": "vision", "audio": "speech", "image+audio": "vision"}
 
 
+def reference_model(ckpt: Path, dtype: torch.dtype):
+    """The reference implementation of a checkpoint in transformers' layout: `Phi4MultimodalForCausalLM` with
+    every `{name}-lora/` folder loaded as a peft adapter of that name, in eval mode. SigLIP is made bidirectional,
+    as it is (transformers' vision attention says causal: see `phimm.model.make_vision_attention_bidirectional`)."""
+    from peft import PeftModel
+    from transformers import Phi4MultimodalForCausalLM
+
+    from .model import make_vision_attention_bidirectional
+
+    ckpt = Path(ckpt)
+    base = Phi4MultimodalForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
+    make_vision_attention_bidirectional(base)
+    names = sorted(p.name[: -len("-lora")] for p in ckpt.iterdir() if p.name.endswith("-lora"))
+    model = PeftModel.from_pretrained(base, str(ckpt / f"{names[0]}-lora"), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(ckpt / f"{name}-lora"), adapter_name=name)
+    return model.eval()
+
+
 class Reference:
     """transformers' Phi4MultimodalForCausalLM + peft adapters, switched by hand (`set_adapter`)."""
 
     def __init__(self, ckpt: Path, dtype: torch.dtype):
-        from peft import PeftModel
-        from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
+        from transformers import Phi4MultimodalProcessor
 
-        base = Phi4MultimodalForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
-        # SigLIP is bidirectional; transformers' vision attention says causal (see phimm.model)
-        from phimm.model import make_vision_attention_bidirectional
-
-        make_vision_attention_bidirectional(base)
-        model = PeftModel.from_pretrained(base, str(ckpt / "vision-lora"), adapter_name="vision")
-        model.load_adapter(str(ckpt / "speech-lora"), adapter_name="speech")
-        self.model = model.eval()
+        self.model = reference_model(ckpt, dtype)
         self.processor = Phi4MultimodalProcessor.from_pretrained(str(ckpt))
         self.processor.tokenizer.padding_side = "left"
 

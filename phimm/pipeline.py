@@ -222,7 +222,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     checkpoint has; `[]` for the base model alone). `quantize="int8"` stores the base decoder's projections and
     output head in int8 (adapters stay in full precision). `pack_weights` (default: on for bfloat16 on CPU)
     re-lays the decoder's weights out for oneDNN's matmul, which reads them faster when decoding, each layer on
-    its first forward (loading reads no weights); a packed pipeline cannot be saved. Extra keyword arguments set generation defaults."""
+    its first forward (loading reads no weights); a packed pipeline cannot be saved. Extra keyword arguments set
+    generation defaults."""
     torch.set_num_threads(threads or default_threads())
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():

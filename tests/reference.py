@@ -10,19 +10,11 @@ import torch
 
 class Reference:
     def __init__(self, ckpt: Path, dtype=torch.float32):
-        from peft import PeftModel
-        from transformers import Phi4MultimodalForCausalLM, Phi4MultimodalProcessor
+        from transformers import Phi4MultimodalProcessor
 
-        base = Phi4MultimodalForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
-        # SigLIP is bidirectional; transformers' vision attention says causal (see phimm.model)
-        from phimm.model import make_vision_attention_bidirectional
+        from phimm.bench import reference_model
 
-        make_vision_attention_bidirectional(base)
-        adapters = sorted(p.name[:-5] for p in Path(ckpt).iterdir() if p.name.endswith("-lora"))
-        model = PeftModel.from_pretrained(base, str(Path(ckpt) / f"{adapters[0]}-lora"), adapter_name=adapters[0])
-        for name in adapters[1:]:
-            model.load_adapter(str(Path(ckpt) / f"{name}-lora"), adapter_name=name)
-        self.model = model.eval()
+        self.model = reference_model(ckpt, dtype)
         self.processor = Phi4MultimodalProcessor.from_pretrained(str(ckpt))
         self.tokenizer = self.processor.tokenizer
 
