@@ -141,6 +141,32 @@ def test_set_option_parses_its_type():
             parse_option(opts, key, value)
 
 
+def test_lm_batch_schedule():
+    """LM pretraining batches: the `lm_first` phases' tasks, then the task mix, one task
+    per batch by default and one per example with `lm_mixed_batches`."""
+    from phimm.toy import domain
+    from phimm.train import lm
+    from phimm.train.common import Options, Vocab, build_config, build_tokenizer
+
+    def tasks(opts, step):
+        tok = build_tokenizer(opts)
+        vocab = Vocab(tok, build_config(tok, opts))
+        out = []
+        for ids, n, _ in lm.batch(step, opts, vocab, 24):
+            prompt = tok.decode(ids[:n])
+            out.append("asr" if domain.ASR_INSTRUCTION in prompt else "svqa" if domain.SPOKEN_VQA_INSTRUCTION in prompt
+                       else "vqa" if set(vocab.cells) & set(ids) else "text")
+        return out
+
+    small = {"lm_hidden": 32}
+    first = Options(**small, lm_first="asr:3,vqa+svqa:2", lm_mixed_batches=True)
+    assert all(set(tasks(first, step)) == {"asr"} for step in range(3))
+    assert set(tasks(first, 3)) | set(tasks(first, 4)) == {"vqa", "svqa"}
+    assert len(set(tasks(first, 5))) > 1  # the mix starts after them
+    assert all(len(set(tasks(Options(**small), step))) == 1 for step in range(8))
+    assert set(sum((tasks(Options(**small), step) for step in range(8)), [])) != {"asr"}
+
+
 def test_lm_stage_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):
     """`lm_compile`: when torch.compile cannot build the decoder (no C++ compiler here, say), the LM stage logs why
     and trains eagerly, with no gradient left behind by the failed try."""

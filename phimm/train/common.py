@@ -63,6 +63,8 @@ class Options:
     lm_lr: float = 2e-3
     lm_is_there_weight: float = 1.0  # how often scene questions are "is there ..." (relative to each other type)
     lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
+    lm_first: str = ""  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
+    lm_mixed_batches: bool = False  # one task per example instead of per batch
     asr_samples: int = 6000
     ctc_steps: int = 3000
     ctc_batch: int = 24

@@ -82,10 +82,36 @@ def _mix_positions(rng: random.Random, ids: list[int], vocab: Vocab, among: set[
     return [(i, rng.uniform(bound, 0.95)) for i, t in enumerate(ids) if t in among and rng.random() < 0.3]
 
 
+def phases(opts: Options) -> list[tuple[tuple[str, ...], int]]:
+    """`opts.lm_first` ("asr:1000,vqa+svqa:800") as [(tasks, steps), ...]: the single-skill phases that open LM
+    pretraining, before the task mix. A tiny LM finds how to copy a transcript, or to bind a colour to a shape,
+    when that skill has the batches to itself; in the mix from the start it may never find it."""
+    out = []
+    for part in filter(None, (p.strip() for p in opts.lm_first.split(","))):
+        name, _, steps = part.partition(":")
+        tasks = tuple(name.split("+"))
+        if not steps.isdigit() or any(t not in TASKS for t in tasks):
+            raise ValueError(f"lm_first: {part!r} is not task[+task...]:steps with tasks from {TASKS}")
+        out.append((tasks, int(steps)))
+    return out
+
+
 def batch(step: int, opts: Options, vocab: Vocab, size: int, salt: str = "train"):
+    """Step `step`'s examples: the `lm_first` phases' tasks, then the task mix, one task per batch, or one per
+    example with `opts.lm_mixed_batches`."""
     rng = random.Random(f"phimm-train:lm:{salt}:{opts.seed}:{step}")
-    task = rng.choices(TASKS, TASK_WEIGHTS)[0]
-    return [make_example(rng, task, vocab, opts) for _ in range(size)]
+    end = 0
+    for phase_tasks, steps in phases(opts):
+        end += steps
+        if step < end:
+            tasks = [rng.choice(phase_tasks) for _ in range(size)]
+            break
+    else:
+        if opts.lm_mixed_batches:
+            tasks = rng.choices(TASKS, TASK_WEIGHTS, k=size)
+        else:
+            tasks = [rng.choices(TASKS, TASK_WEIGHTS)[0]] * size
+    return [make_example(rng, task, vocab, opts) for task in tasks]
 
 
 def compound_table(hf, vocab: Vocab) -> torch.Tensor:
