@@ -6,7 +6,7 @@
 Stages (each in `{run}/{stage}/`: `log.jsonl` of losses, `state.pt` while running, `done.json` when finished;
 rerunning skips finished stages and resumes an interrupted one from its last state):
 
-    lm              base LM on chat-formatted domain text, soft-token transcripts and slot grids; then frozen
+    lm              base LM: soft-token transcripts alone first, then with domain text and slot grids; frozen
     speech_encoder  conformer + word-level CTC head                          (independent of lm)
     vision_encoder  SigLIP + colour-slot classifier, fresh images each step  (independent of lm)
     speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm, speech_encoder)

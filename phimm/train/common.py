@@ -55,15 +55,15 @@ class Options:
     patch: int = 16
     lora_r: int = 8
     # stage sizes
-    lm_steps: int = 6000
+    lm_steps: int = 9000
     # torch.compile the LM's decoder for its stage: about 1.4x faster steps on this machine, other rounding (so
-    # not the shipped model's numbers); off by default
-    lm_compile: bool = False
+    # falls back to eager if compiling fails); the shipped model used it
+    lm_compile: bool = True
     lm_batch: int = 32
     lm_lr: float = 2e-3
     lm_is_there_weight: float = 1.0  # how often scene questions are "is there ..." (relative to each other type)
     lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
-    lm_first: str = ""  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
+    lm_first: str = "asr:1000"  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
     lm_mixed_batches: bool = False  # one task per example instead of per batch
     asr_samples: int = 6000
     ctc_steps: int = 3000
@@ -72,7 +72,7 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 7000
+    cell_steps: int = 8500
     cell_batch: int = 32
     cell_lr: float = 1e-3
     vision_e2e_steps: int = 1500
@@ -98,7 +98,8 @@ PRESETS: dict[str, dict] = {
     "full": {},
     # the end-to-end test: a few hundred samples, tiny steps
     "test": dict(lm_hidden=64, lm_layers=2, lm_intermediate=128, vision_hidden=32, vision_layers=1, audio_hidden=48,
-                 audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_batch=16, asr_samples=240, ctc_steps=120,
+                 audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_first="asr:40", lm_compile=False,
+                 lm_batch=16, asr_samples=240, ctc_steps=120,
                  ctc_batch=16, proj_steps=300, speech_e2e_steps=25, e2e_batch=8, vqa_samples=160, cell_steps=80,
                  cell_batch=16, vision_e2e_steps=25, svqa_samples=64, vs_steps=20, eval_asr=16, eval_vqa=24,
                  eval_svqa=16, eval_text=12),
