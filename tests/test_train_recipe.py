@@ -148,9 +148,11 @@ def test_lm_batch_schedule():
     from phimm.train import lm
     from phimm.train.common import Options, Vocab, build_config, build_tokenizer
 
+    small = {"lm_hidden": 32}
+    tok = build_tokenizer(Options(**small))
+    vocab = Vocab(tok, build_config(tok, Options(**small)))
+
     def tasks(opts, step):
-        tok = build_tokenizer(opts)
-        vocab = Vocab(tok, build_config(tok, opts))
         out = []
         for ids, n, _ in lm.batch(step, opts, vocab, 24):
             prompt = tok.decode(ids[:n])
@@ -158,7 +160,6 @@ def test_lm_batch_schedule():
                        else "vqa" if set(vocab.cells) & set(ids) else "text")
         return out
 
-    small = {"lm_hidden": 32}
     mix_only = Options(**small, lm_first="", lm_mixed_batches=False)
     first = Options(**small, lm_first="asr:3,vqa+svqa:2", lm_mixed_batches=True)
     assert all(set(tasks(first, step)) == {"asr"} for step in range(3))
@@ -166,6 +167,8 @@ def test_lm_batch_schedule():
     assert len(set(tasks(first, 5))) > 1  # the mix starts after them
     assert all(len(set(tasks(mix_only, step))) == 1 for step in range(8))
     assert set(sum((tasks(mix_only, step) for step in range(8)), [])) != {"asr"}
+    with pytest.raises(ValueError, match="lm_first"):
+        lm.phases(Options(**small, lm_first="asr:10,speech:5"))
 
 
 def test_lm_stage_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):

@@ -56,8 +56,8 @@ class Options:
     lora_r: int = 8
     # stage sizes
     lm_steps: int = 9000
-    # torch.compile the LM's decoder for its stage: about 1.4x faster steps on this machine, other rounding (so
-    # falls back to eager if compiling fails); the shipped model used it
+    # torch.compile the LM's decoder for its stage: about 1.4x faster steps on this machine; falls back to eager
+    # (with the reason logged) if compiling fails
     lm_compile: bool = True
     lm_batch: int = 32
     lm_lr: float = 2e-3

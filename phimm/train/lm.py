@@ -184,6 +184,7 @@ def run(run_dir, opts: Options) -> None:
     stage = Stage(run_dir, "lm")
     if stage.done:
         return
+    phases(opts)  # a malformed lm_first stops here, before any model is built
     tok = build_tokenizer(opts)
     cfg = build_config(tok, opts)
     vocab = Vocab(tok, cfg)
