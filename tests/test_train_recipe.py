@@ -169,6 +169,37 @@ def test_lm_batch_schedule():
     assert set(sum((tasks(mix_only, step) for step in range(8)), [])) != {"asr"}
     with pytest.raises(ValueError, match="lm_first"):
         lm.phases(Options(**small, lm_first="asr:10,speech:5"))
+    # the task mix follows lm_task_weights: a task weighing 0 never comes, the others do
+    no_asr = Options(**small, lm_first="", lm_mixed_batches=True, lm_task_weights="asr:0,vqa:1,svqa:1,text:1")
+    assert set(sum((tasks(no_asr, step) for step in range(4)), [])) == {"vqa", "svqa", "text"}
+
+
+def test_lm_question_and_task_weights():
+    """`lm_question_weights` draws scene question types by weight (unnamed types weigh 1), every answer right
+    (near "no" questions included); malformed weight
+    options are refused with what is wrong."""
+    import collections
+    import random
+
+    from phimm.toy import domain
+    from phimm.toy.images import random_scene
+    from phimm.train import lm
+
+    rng = random.Random(0)
+    counts = collections.Counter()
+    for _ in range(400):
+        scene = random_scene(rng, size=128)
+        q = lm.scene_question(rng, scene, lm.weights("is_there:3,how_many:0", domain.QUESTION_TYPES, 1.0),
+                              near_no=0.9)
+        assert q.answer == domain.answer_question(scene, q.text), q.text  # near "no"s are still right
+        counts[q.qtype] += 1
+    assert counts["how_many"] == 0
+    assert counts["is_there"] > 2 * max(counts["what_color"], counts["what_shape"])
+    assert lm.weights("text:1,asr:2,svqa:3,vqa:4", lm.TASKS) == {"asr": 2, "vqa": 4, "svqa": 3, "text": 1}
+    for spec, said in (("asr:1", "no weight for"), ("asr:-1,vqa:1,svqa:1,text:1", "weight >= 0"),
+                       ("asr:1,vqa:1,svqa:1,speech:1", "name from"), ("asr:0,vqa:0,svqa:0,text:0", "every weight")):
+        with pytest.raises(ValueError, match=said):
+            lm.weights(spec, lm.TASKS)
 
 
 def test_lm_stage_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):

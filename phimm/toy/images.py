@@ -84,9 +84,11 @@ def light_background(rng: random.Random) -> tuple[int, int, int]:
 
 
 def random_scene(rng: random.Random, size: int | None = None, n_shapes: int | None = None,
-                 white_background: bool | None = None, rotate: bool | None = None) -> Scene:
+                 white_background: bool | None = None, rotate: bool | None = None,
+                 white_shape: float = 0.45) -> Scene:
     """A random scene: side `size` (96..256 if None), `n_shapes` (1..3) non-overlapping shapes of distinct
-    colours, each bounding box 16%..44% of the side, white shapes only on a non-white background.
+    colours, each bounding box 16%..44% of the side, white shapes only on a non-white background (there, one of
+    the shapes is white with probability `white_shape`).
 
     `rotate`: None rotates each square/triangle/star with probability 1/2, True always, False never."""
     side = size if size is not None else rng.randint(*IMAGE_SIDE_RANGE)
@@ -104,7 +106,7 @@ def random_scene(rng: random.Random, size: int | None = None, n_shapes: int | No
     for _ in range(200):  # whole-scene retries; a failed placement restarts with fresh draws
         colors = rng.sample(palette, n)
         # white only on coloured backgrounds; there, often enough that it is as common overall as other colours
-        if not white_bg and rng.random() < 0.45:
+        if not white_bg and rng.random() < white_shape:
             colors[rng.randrange(n)] = "white"
         placed: list[Shape] = []
         for color in colors:

@@ -61,7 +61,14 @@ class Options:
     lm_compile: bool = True
     lm_batch: int = 32
     lm_lr: float = 2e-3
-    lm_is_there_weight: float = 1.0  # how often scene questions are "is there ..." (relative to each other type)
+    # how often each task makes a batch after the `lm_first` phases (lm.TASKS: name:weight, relative)
+    lm_task_weights: str = "asr:0.25,vqa:0.35,svqa:0.3,text:0.1"
+    # how often each type of scene question is asked when the scene allows it (domain.QUESTION_TYPES: name:weight,
+    # relative; a type not named weighs 1), e.g. "is_there:2" ("is there": colour and shape bound together)
+    lm_question_weights: str = ""
+    # of the "is there" questions answered "no", the share asking for a colour or a shape the scene has (the
+    # domain's generator: 0.5); without them a LM may answer by the shape alone
+    lm_near_no: float = 0.5
     lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
     lm_first: str = "asr:1000"  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
     lm_mixed_batches: bool = False  # one task per example instead of per batch
@@ -75,9 +82,13 @@ class Options:
     cell_steps: int = 8500
     cell_batch: int = 32
     cell_lr: float = 1e-3
+    # > 0: the share of the vision encoder's training scenes drawn with a white shape on a light background (the
+    # scene generator makes about 0.22 of them so): low contrast makes these the encoder's worst shapes
+    cell_faint: float = 0.0
     vision_e2e_steps: int = 1500
     svqa_samples: int = 1200
     vs_steps: int = 400
+    vs_lora_lr: float = 0.0  # > 0: the vision-speech stage fine-tunes the vision LoRA too (spoken + written)
     eval_asr: int = 150
     eval_vqa: int = 200
     eval_svqa: int = 150
@@ -376,8 +387,9 @@ def slot_grid(scene: domain.Scene, f: int) -> list[list[int]]:
     """The f x f cell classes the vision encoder learns for a scene: colour slots. The first
     `len(SLOT_COLORS)` cells (row-major) stand for the colours in `SLOT_COLORS` order and hold the class of that
     colour's shape ([red_star]), or the background class when the scene has no shape of that colour; every other
-    cell is background. Colours are distinct within a scene, so the slots list the scene's shapes exactly once,
-    wherever and however large they are (SigLIP attends over the whole crop; every cell can see every shape)."""
+    cell is background. Colours are distinct within a scene, so the slots list the scene's
+    shapes exactly once, wherever and however large they are (SigLIP attends over the whole crop; every cell can
+    see every shape)."""
     if f * f < len(SLOT_COLORS):
         raise ValueError(f"a {f}x{f} cell grid has fewer cells than the {len(SLOT_COLORS)} colour slots")
     flat = [0] * (f * f)
@@ -400,12 +412,16 @@ def grid_tokens(grid: list[list[int]], uh: int, uw: int, vocab: Vocab) -> list[i
     return out
 
 
-def random_layout_scene(rng: random.Random) -> domain.Scene:
-    """A toy-domain scene, square half of the time, else on a canvas widened or heightened (still 96..256)."""
+def random_layout_scene(rng: random.Random, faint: float = 0.0) -> domain.Scene:
+    """A toy-domain scene, square half of the time, else on a canvas widened or heightened (still 96..256); with
+    probability `faint` one with a white shape on a light background (the hardest shapes to see)."""
     from ..toy.images import random_scene
 
     side = rng.randint(96, 256)
-    scene = random_scene(rng, size=side)
+    if faint and rng.random() < faint:
+        scene = random_scene(rng, size=side, white_background=False, white_shape=1.0)
+    else:
+        scene = random_scene(rng, size=side)
     return scene if rng.random() < 0.5 else widen(rng, scene)
 
 

@@ -27,9 +27,11 @@ def run(run_dir, opts: Options, export_dir: Path | None) -> None:
     out = Path(export_dir) if export_dir is not None else Path(run_dir) / "model"
     hf, proc = load_base(run_dir)
     apply_parts(hf, run_dir, PARTS)
+    # the vision LoRA as the vision-speech stage left it, if it fine-tuned it (vs_lora_lr > 0)
+    vision_lora = "vision_speech" if (Path(run_dir) / "vision_speech" / "lora.pt").is_file() else "vision"
     adapters = {
         name: lora_adapter(name, torch.load(Path(run_dir) / stage_name / "lora.pt", weights_only=True), opts.lora_r)
-        for name, stage_name in (("vision", "vision"), ("speech", "speech"))
+        for name, stage_name in (("vision", vision_lora), ("speech", "speech"))
     }
     model = Phi4MMComposition(hf, adapters)
     meta = {"generation": {"max_new_tokens": 24},

@@ -21,18 +21,47 @@ from .common import (Options, bidirectional_vision, Stage, Timer, Vocab, build_c
                      set_lr, slot_grid)
 
 TASKS = ("asr", "vqa", "svqa", "text")
-TASK_WEIGHTS = (0.25, 0.35, 0.3, 0.1)
 
 
-def scene_question(rng: random.Random, scene, is_there_weight: float = 1.0) -> domain.Question:
-    """A question about `scene`; "is_there" (colour and shape bound together) `is_there_weight` times as often
-    as each other type."""
+def weights(spec: str, names, default: float | None = None) -> dict[str, float]:
+    """A "name:weight,..." option as {name: weight}; names not given weigh `default` (None: every name must be
+    given). ValueError saying what is wrong for an unknown name, a missing one or a weight that is not >= 0."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.partition(":")
+        try:
+            value = float(w)
+        except ValueError:
+            value = -1.0
+        if name not in names or value < 0:
+            raise ValueError(f"{part!r} is not name:weight with a name from {tuple(names)} and a weight >= 0")
+        out[name] = value
+    missing = [n for n in names if n not in out]
+    if missing and default is None:
+        raise ValueError(f"{spec!r} gives no weight for {missing}")
+    out = {n: out.get(n, default) for n in names}  # in `names` order
+    if not any(out.values()):
+        raise ValueError(f"{spec!r}: every weight is 0")
+    return out
+
+
+def scene_question(rng: random.Random, scene, qweights: dict[str, float] | None = None,
+                   near_no: float = 0.5) -> domain.Question:
+    """A question about `scene`, its type drawn with `qweights` (uniform: None) among those the scene allows; a
+    "no" to "is there" asks for a colour or a shape of the scene with probability `near_no`."""
     types = domain.available_question_types(scene)
-    if is_there_weight == 1.0:
+    if qweights is None or len(set(qweights[t] for t in types)) == 1:
         qtype = rng.choice(types)
     else:
-        qtype = rng.choices(types, [is_there_weight if t == "is_there" else 1.0 for t in types])[0]
-    return domain.question_for_scene(rng, scene, qtype)
+        qtype = rng.choices(types, [qweights[t] for t in types])[0]
+    if qtype != "is_there" or near_no == 0.5:
+        return domain.question_for_scene(rng, scene, qtype)
+    if rng.random() < 0.5:
+        return domain.question_for_scene(rng, scene, qtype, answer="yes")
+    absent = [(c, k) for c in domain.COLOR_NAMES for k in domain.SHAPES if not scene.has(c, k)]
+    near = [(c, k) for c, k in absent if c in scene.colors or k in scene.kinds]
+    color, kind = rng.choice(near if near and rng.random() < near_no else absent)
+    return domain.Question(domain.TEMPLATES["is_there"].format(color=color, shape=kind), "no", "is_there")
 
 
 def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
@@ -47,7 +76,8 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
         mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
     elif task in ("vqa", "svqa"):
         scene = random_layout_scene(rng)
-        q = scene_question(rng, scene, opts.lm_is_there_weight)
+        q = scene_question(rng, scene, weights(opts.lm_question_weights, domain.QUESTION_TYPES, 1.0),
+                           opts.lm_near_no)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
         if task == "vqa":
@@ -107,27 +137,27 @@ def batch(step: int, opts: Options, vocab: Vocab, size: int, salt: str = "train"
             tasks = [rng.choice(phase_tasks) for _ in range(size)]
             break
     else:
+        tw = list(weights(opts.lm_task_weights, TASKS).values())
         if opts.lm_mixed_batches:
-            tasks = rng.choices(TASKS, TASK_WEIGHTS, k=size)
+            tasks = rng.choices(TASKS, tw, k=size)
         else:
-            tasks = [rng.choices(TASKS, TASK_WEIGHTS)[0]] * size
+            tasks = [rng.choices(TASKS, tw)[0]] * size
     return [make_example(rng, task, vocab, opts) for task in tasks]
 
 
 def compound_table(hf, vocab: Vocab) -> torch.Tensor:
-    """The embedding matrix with each scene-cell token E[red_circle] parametrised as its own vector plus
-    E[red] + E[circle]: what the LM learns about the words carries over to the cells (and back)."""
+    """The embedding matrix with each scene-cell token parametrised as its own vector plus the embeddings of its
+    words, E[red_circle] + E[red] + E[circle]: what the LM learns about the words carries over to the cells (and
+    back)."""
     from .common import CELL_CLASSES
 
     w = hf.model.embed_tokens.weight
     idx, parts = [], []
     for k, name in enumerate(CELL_CLASSES[1:], start=1):
-        color, kind = name[1:-1].split("_")
-        idx.append(vocab.cells[k])
-        parts.append((vocab.words[color], vocab.words[kind]))
-    idx_t = torch.tensor(idx)
-    add = w[torch.tensor([p[0] for p in parts])] + w[torch.tensor([p[1] for p in parts])]
-    return w.index_add(0, idx_t, add)
+        words = name[1:-1].split("_")
+        idx.extend([vocab.cells[k]] * len(words))
+        parts.extend(vocab.words[x] for x in words)
+    return w.index_add(0, torch.tensor(idx), w[torch.tensor(parts)])
 
 
 def run_loss(hf, examples, vocab: Vocab, body=None):
@@ -184,7 +214,9 @@ def run(run_dir, opts: Options) -> None:
     stage = Stage(run_dir, "lm")
     if stage.done:
         return
-    phases(opts)  # a malformed lm_first stops here, before any model is built
+    phases(opts)  # a malformed lm_first or weight option stops here, before any model is built
+    weights(opts.lm_task_weights, TASKS)
+    weights(opts.lm_question_weights, domain.QUESTION_TYPES, 1.0)
     tok = build_tokenizer(opts)
     cfg = build_config(tok, opts)
     vocab = Vocab(tok, cfg)

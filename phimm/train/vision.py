@@ -110,7 +110,7 @@ def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
 
     px, mask, labels, local = [], [], [], []
     for _ in range(n):
-        scene = random_layout_scene(rng)
+        scene = random_layout_scene(rng, opts.cell_faint)
         ii = proc.process_image(render_scene(scene))
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         k = rng.randrange(ii.pixel_values.shape[0])

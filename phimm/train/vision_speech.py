@@ -2,7 +2,9 @@
 
 It starts as a copy of the trained speech projector (both emit the same soft tokens: the LM embeddings of the
 CTC encoder's blank / words), then is fine-tuned end to end with the LM loss on spoken image questions, with the
-vision LoRA, the vision projector, both encoders and the base LM frozen.
+vision projector, both encoders and the base LM frozen. The vision LoRA, which both image routes share, is frozen
+too (`vs_lora_lr=0`) or fine-tuned with it on spoken and written questions in turn (`{run}/vision_speech/lora.pt`
+then replaces the vision stage's for export).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from torch import nn
 
 from ..toy import domain
 from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, apply_parts, cosine_lr, lm_batch_loss,
-                     load_base, load_lora_state, loop, remove_train_lora, save_parts)
-from .vision import cache_features, image_embeds, make_images
+                     load_base, load_lora_state, lora_state, loop, remove_train_lora, save_parts)
+from .vision import cache_features, image_embeds, make_images, vqa_loss
 
 
 def run(run_dir, opts: Options) -> None:
@@ -42,12 +44,21 @@ def run(run_dir, opts: Options) -> None:
         down.load_state_dict(ae.down_proj_for_speech.state_dict())
     loras = add_train_lora(hf, opts.lora_r)
     load_lora_state(loras, torch.load(run_dir / "vision" / "lora.pt", weights_only=True))
+    lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
     for m in loras.values():
         m.requires_grad_(False)
     params = list(up.parameters()) + list(down.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    groups = [{"params": params, "lr": 5e-4, "peak": 5e-4}]
+    written = []
+    if opts.vs_lora_lr > 0:
+        for p in lparams:
+            p.requires_grad_(True)
+        groups.append({"params": lparams, "lr": opts.vs_lora_lr, "peak": opts.vs_lora_lr})
+        written = make_images(proc, opts, "vqa", opts.svqa_samples, opts.seed + 77, desc="vision_speech:written")
+        cache_features(ie, written)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def loss_of(batch):
         rows, n_prompt = [], []
@@ -72,17 +83,23 @@ def run(run_dir, opts: Options) -> None:
     stage.log(event="e2e_start", answer_acc=round(acc0, 4))
     rng = random.Random(f"vs-e2e:{opts.seed}")
     for step in loop(stage, opts.vs_steps, 0, "e2e"):
-        opt.param_groups[0]["lr"] = cosine_lr(step, opts.vs_steps, 5e-4, warmup=10)
-        loss, acc = loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, opts.vs_steps, g["peak"], warmup=10)
+        if written and step % 2 == 1:  # the LoRA keeps answering written questions
+            loss, acc = vqa_loss(hf, ie, rng.sample(written, min(opts.e2e_batch, len(written))), vocab)
+        else:
+            loss, acc = loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params + (lparams if written else []), 1.0)
         opt.step()
         if step % 10 == 0 or step == opts.vs_steps - 1:
             stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
     with torch.no_grad():
         acc1 = loss_of(probe)[1]
     stage.log(event="e2e_end", answer_acc=round(acc1, 4))
+    if written:
+        torch.save(lora_state(loras), stage.dir / "lora.pt")
     remove_train_lora(hf, loras)
     save_parts(hf, stage, VS_PROJ)
     stage.finish(wall_s=timer(), answer_acc_before=round(acc0, 4), answer_acc_after=round(acc1, 4))
