@@ -150,11 +150,12 @@ def available_question_types(scene: Scene) -> list[str]:
 
 
 def question_for_scene(rng: random.Random, scene: Scene, qtype: str | None = None,
-                       answer: str | None = None) -> Question:
+                       answer: str | None = None, near: float = 0.5) -> Question:
     """A question about `scene` of template `qtype` (random among those available if None).
 
     For "is_there", `answer` may force "yes" or "no"; otherwise each is drawn with probability 1/2. A "no" asks
-    about a colour or a shape of the scene half of the time, so the answer needs colour and shape bound together.
+    about a colour or a shape of the scene with probability `near` (when the scene allows it), so the answer
+    needs colour and shape bound together.
     """
     available = available_question_types(scene)
     qtype = qtype or rng.choice(available)
@@ -176,8 +177,8 @@ def question_for_scene(rng: random.Random, scene: Scene, qtype: str | None = Non
             color, kind = s.color, s.kind
         else:
             absent = [(c, k) for c in COLOR_NAMES for k in SHAPES if not scene.has(c, k)]
-            near = [(c, k) for c, k in absent if c in scene.colors or k in scene.kinds]
-            color, kind = rng.choice(near if near and rng.random() < 0.5 else absent)
+            close = [(c, k) for c, k in absent if c in scene.colors or k in scene.kinds]
+            color, kind = rng.choice(close if close and rng.random() < near else absent)
         return Question(TEMPLATES[qtype].format(color=color, shape=kind), "yes" if scene.has(color, kind) else "no",
                         qtype)
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")

@@ -387,9 +387,8 @@ def slot_grid(scene: domain.Scene, f: int) -> list[list[int]]:
     """The f x f cell classes the vision encoder learns for a scene: colour slots. The first
     `len(SLOT_COLORS)` cells (row-major) stand for the colours in `SLOT_COLORS` order and hold the class of that
     colour's shape ([red_star]), or the background class when the scene has no shape of that colour; every other
-    cell is background. Colours are distinct within a scene, so the slots list the scene's
-    shapes exactly once, wherever and however large they are (SigLIP attends over the whole crop; every cell can
-    see every shape)."""
+    cell is background. Colours are distinct within a scene, so the slots list the scene's shapes exactly once,
+    wherever and however large they are (SigLIP attends over the whole crop; every cell can see every shape)."""
     if f * f < len(SLOT_COLORS):
         raise ValueError(f"a {f}x{f} cell grid has fewer cells than the {len(SLOT_COLORS)} colour slots")
     flat = [0] * (f * f)

@@ -11,6 +11,7 @@ processor files; every later stage starts from it.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -23,9 +24,11 @@ from .common import (Options, bidirectional_vision, Stage, Timer, Vocab, build_c
 TASKS = ("asr", "vqa", "svqa", "text")
 
 
-def weights(spec: str, names, default: float | None = None) -> dict[str, float]:
+@functools.lru_cache(maxsize=None)  # parsed once per option string, not per example
+def weights(spec: str, names: tuple[str, ...], default: float | None = None) -> dict[str, float]:
     """A "name:weight,..." option as {name: weight}; names not given weigh `default` (None: every name must be
-    given). ValueError saying what is wrong for an unknown name, a missing one or a weight that is not >= 0."""
+    given). ValueError saying what is wrong for an unknown name, a missing one or a weight that is not >= 0. The
+    result is shared between calls: read it, do not change it."""
     out = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.partition(":")
@@ -54,14 +57,10 @@ def scene_question(rng: random.Random, scene, qweights: dict[str, float] | None 
         qtype = rng.choice(types)
     else:
         qtype = rng.choices(types, [qweights[t] for t in types])[0]
-    if qtype != "is_there" or near_no == 0.5:
-        return domain.question_for_scene(rng, scene, qtype)
-    if rng.random() < 0.5:
-        return domain.question_for_scene(rng, scene, qtype, answer="yes")
-    absent = [(c, k) for c in domain.COLOR_NAMES for k in domain.SHAPES if not scene.has(c, k)]
-    near = [(c, k) for c, k in absent if c in scene.colors or k in scene.kinds]
-    color, kind = rng.choice(near if near and rng.random() < near_no else absent)
-    return domain.Question(domain.TEMPLATES["is_there"].format(color=color, shape=kind), "no", "is_there")
+    if qtype == "is_there" and near_no != 0.5:  # (0.5: the generator's own draws, as before the option)
+        return domain.question_for_scene(rng, scene, qtype, answer="yes" if rng.random() < 0.5 else "no",
+                                         near=near_no)
+    return domain.question_for_scene(rng, scene, qtype)
 
 
 def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
