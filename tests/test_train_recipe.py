@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,26 @@ def test_outputs_improve(run):
     for stage in ("speech", "vision"):
         done = json.loads((run / stage / "done.json").read_text())
         assert done["answer_acc_after"] >= done["answer_acc_before"], (stage, done)
+
+
+def test_lm_anneal_trains_the_decoder_only(run):
+    """`lm_anneal` changes the decoder layers of the LM stage's base and nothing else, and its base is the one the
+    later stages (and the export) are built on."""
+    from safetensors.torch import load_file
+
+    from phimm.train.common import base_dir
+
+    before = load_file(run / "lm" / "base" / "model.safetensors")
+    after = load_file(run / "lm_anneal" / "base" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.", "model.norm.")) for k in changed), sorted(changed)[:5]
+    assert sum(k.startswith("model.layers.") for k in changed) >= 4
+    assert base_dir(run) == run / "lm_anneal" / "base"
+    assert len([r for r in _log(run, "lm_anneal") if "loss" in r]) >= 3
+    exported = load_file(run / "model" / "model.safetensors")
+    k = next(k for k in sorted(changed) if k.endswith("self_attn.o_proj.weight"))
+    assert torch.equal(exported[k], after[k])
 
 
 def test_export_loads_and_scores(run):

@@ -6,11 +6,12 @@
 Stages (each in `{run}/{stage}/`: `log.jsonl` of losses, `state.pt` while running, `done.json` when finished;
 rerunning skips finished stages and resumes an interrupted one from its last state):
 
-    lm              base LM: soft-token transcripts alone first, then with domain text and slot grids; frozen
+    lm              base LM: soft-token transcripts alone first, then with domain text and slot grids
+    lm_anneal       (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix; the base is frozen
     speech_encoder  conformer + word-level CTC head                          (independent of lm)
     vision_encoder  SigLIP + colour-slot classifier, fresh images each step  (independent of lm)
-    speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm, speech_encoder)
-    vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm, vision_encoder)
+    speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm_anneal, speech_encoder)
+    vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm_anneal, vision_encoder)
     vision_speech   vision-speech projector, end to end on spoken image questions   (speech, vision)
     export          phimm's checkpoint layout (`phimm.load(dir)`)
     eval            held-out scores through `phimm.load` -> `{run}/scores.json`
@@ -29,13 +30,14 @@ import time
 from pathlib import Path
 
 # in launch order: the longest independent stage first, so the two workers finish their first stages together
-STAGES = ("vision_encoder", "lm", "speech_encoder", "speech", "vision", "vision_speech", "export", "eval")
+STAGES = ("vision_encoder", "lm", "lm_anneal", "speech_encoder", "speech", "vision", "vision_speech", "export", "eval")
 DEPS = {
     "lm": (),
+    "lm_anneal": ("lm",),
     "speech_encoder": (),
     "vision_encoder": (),
-    "speech": ("lm", "speech_encoder"),
-    "vision": ("lm", "vision_encoder"),
+    "speech": ("lm_anneal", "speech_encoder"),
+    "vision": ("lm_anneal", "vision_encoder"),
     "vision_speech": ("speech", "vision"),
     "export": ("vision_speech",),
     "eval": ("export",),
@@ -51,6 +53,10 @@ def run_stage(name: str, run_dir: Path, export_dir: Path | None = None) -> None:
         from . import lm
 
         lm.run(run_dir, opts)
+    elif name == "lm_anneal":
+        from . import lm
+
+        lm.run_anneal(run_dir, opts)
     elif name in ("speech_encoder", "speech"):
         from . import speech
 

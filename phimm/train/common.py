@@ -55,7 +55,7 @@ class Options:
     patch: int = 16
     lora_r: int = 8
     # stage sizes
-    lm_steps: int = 9000
+    lm_steps: int = 11500
     # torch.compile the LM's decoder for its stage: about 1.4x faster steps on this machine; falls back to eager
     # (with the reason logged) if compiling fails
     lm_compile: bool = True
@@ -65,13 +65,18 @@ class Options:
     lm_task_weights: str = "asr:0.25,vqa:0.35,svqa:0.3,text:0.1"
     # how often each type of scene question is asked when the scene allows it (domain.QUESTION_TYPES: name:weight,
     # relative; a type not named weighs 1), e.g. "is_there:2" ("is there": colour and shape bound together)
-    lm_question_weights: str = ""
+    lm_question_weights: str = "is_there:2,what_color:1.5,what_shape:1.5"
     # of the "is there" questions answered "no", the share asking for a colour or a shape the scene has (the
     # domain's generator: 0.5); without them a LM may answer by the shape alone
-    lm_near_no: float = 0.5
+    lm_near_no: float = 0.8
     lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
     lm_first: str = "asr:1000"  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
     lm_mixed_batches: bool = False  # one task per example instead of per batch
+    # stage `lm_anneal`: after the LM stage, the decoder alone (embeddings frozen) trains `lm_anneal_steps` more
+    # steps from a fresh optimiser at a lower peak rate, on its own task mix (0 steps: the stage does nothing)
+    lm_anneal_steps: int = 0
+    lm_anneal_lr: float = 5e-4
+    lm_anneal_task_weights: str = "asr:0.15,vqa:0.25,svqa:0.5,text:0.1"
     asr_samples: int = 6000
     ctc_steps: int = 3000
     ctc_batch: int = 24
@@ -79,16 +84,16 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 8500
+    cell_steps: int = 9500
     cell_batch: int = 32
     cell_lr: float = 1e-3
     # > 0: the share of the vision encoder's training scenes drawn with a white shape on a light background (the
     # scene generator makes about 0.22 of them so): low contrast makes these the encoder's worst shapes
-    cell_faint: float = 0.0
+    cell_faint: float = 0.5
     vision_e2e_steps: int = 1500
-    svqa_samples: int = 1200
-    vs_steps: int = 400
-    vs_lora_lr: float = 0.0  # > 0: the vision-speech stage fine-tunes the vision LoRA too (spoken + written)
+    svqa_samples: int = 2500
+    vs_steps: int = 1000
+    vs_lora_lr: float = 2e-3  # > 0: the vision-speech stage fine-tunes the vision LoRA too (spoken + written)
     eval_asr: int = 150
     eval_vqa: int = 200
     eval_svqa: int = 150
@@ -110,6 +115,7 @@ PRESETS: dict[str, dict] = {
     # the end-to-end test: a few hundred samples, tiny steps
     "test": dict(lm_hidden=64, lm_layers=2, lm_intermediate=128, vision_hidden=32, vision_layers=1, audio_hidden=48,
                  audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_first="asr:40", lm_compile=False,
+                 lm_anneal_steps=30,
                  lm_batch=16, asr_samples=240, ctc_steps=120,
                  ctc_batch=16, proj_steps=300, speech_e2e_steps=25, e2e_batch=8, vqa_samples=160, cell_steps=80,
                  cell_batch=16, vision_e2e_steps=25, svqa_samples=64, vs_steps=20, eval_asr=16, eval_vqa=24,
@@ -283,13 +289,23 @@ def bidirectional_vision(hf):
     return hf
 
 
+def base_dir(run_dir: Path) -> Path:
+    """Where the frozen base LM of a run is: `{run}/lm_anneal/base` once that stage has finished with one, else
+    `{run}/lm/base`."""
+    annealed = Path(run_dir) / "lm_anneal" / "base"
+    if (Path(run_dir) / "lm_anneal" / "done.json").is_file() and annealed.is_dir():
+        return annealed
+    return Path(run_dir) / "lm" / "base"
+
+
 def load_base(run_dir: Path):
-    """(hf model, processor) of the LM stage's saved base checkpoint, everything frozen, eval mode."""
+    """(hf model, processor) of the base checkpoint (`lm_anneal`'s where that stage trained one, else the LM
+    stage's), everything frozen, eval mode."""
     from transformers import Phi4MultimodalForCausalLM
 
     from ..processor import Processor
 
-    base = Path(run_dir) / "lm" / "base"
+    base = base_dir(run_dir)
     hf = Phi4MultimodalForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval().requires_grad_(False)
     bidirectional_vision(hf)
     proc = Processor.from_pretrained(base, hf.config)

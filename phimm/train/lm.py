@@ -159,10 +159,12 @@ def compound_table(hf, vocab: Vocab) -> torch.Tensor:
     return w.index_add(0, torch.tensor(idx), w[torch.tensor(parts)])
 
 
-def run_loss(hf, examples, vocab: Vocab, body=None):
+def run_loss(hf, examples, vocab: Vocab, body=None, compound: bool = True):
+    """Loss of `make_example` examples. `compound`: cell tokens through `compound_table` (the LM stage); False:
+    the embeddings as they are (a base whose parametrisation is baked in)."""
     rows = [e[0] for e in examples]
     n_prompt = [e[1] for e in examples]
-    table = compound_table(hf, vocab)
+    table = compound_table(hf, vocab) if compound else hf.model.embed_tokens.weight
 
     cells = set(vocab.cells)
 
@@ -195,14 +197,14 @@ def compiled_body(hf, opts: Options, vocab: Vocab, stage: Stage):
     return body
 
 
-def eval_acc(hf, opts: Options, vocab: Vocab) -> dict:
+def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True) -> dict:
     """Answer-token accuracy (teacher forced) on fixed batches of each task."""
     out = {}
     with torch.no_grad():
         for task in TASKS:
             rng = random.Random(f"phimm-train:lm:eval:{opts.seed}:{task}")
             ex = [make_example(rng, task, vocab, opts) for _ in range(32)]
-            loss, acc = run_loss(hf, ex, vocab)
+            loss, acc = run_loss(hf, ex, vocab, compound=compound)
             out[task] = round(acc, 4)
     return out
 
@@ -251,5 +253,62 @@ def run(run_dir, opts: Options) -> None:
     hf.save_pretrained(str(base))
     build_processor(tok, cfg, opts).save_pretrained(base)
     stage.finish(wall_s=timer(), eval_acc=final, steps=opts.lm_steps)
+    if stage.state_path.exists():
+        stage.state_path.unlink()
+
+
+def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int):
+    """Step `step`'s examples of the `lm_anneal` stage: one task per batch from `lm_anneal_task_weights`."""
+    rng = random.Random(f"phimm-train:lm_anneal:{opts.seed}:{step}")
+    task = rng.choices(TASKS, list(weights(opts.lm_anneal_task_weights, TASKS).values()))[0]
+    return [make_example(rng, task, vocab, opts) for _ in range(size)]
+
+
+def run_anneal(run_dir, opts: Options) -> None:
+    """Stage `lm_anneal`: the LM stage's base trains `lm_anneal_steps` more steps, decoder only (embeddings and
+    the tied head frozen: the cell parametrisation is baked in), from a fresh AdamW at `lm_anneal_lr` (cosine),
+    on the `lm_anneal_task_weights` mix; saved as `{run}/lm_anneal/base`, the base of every later stage."""
+    from .common import load_base
+
+    stage = Stage(run_dir, "lm_anneal")
+    if stage.done:
+        return
+    if opts.lm_anneal_steps <= 0:
+        stage.log(event="skipped", reason="lm_anneal_steps is 0")
+        stage.finish(wall_s=0.0, steps=0)
+        return
+    weights(opts.lm_anneal_task_weights, TASKS)
+    hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
+    vocab = Vocab(proc.tokenizer, hf.config)
+    params = [p for n, p in hf.named_parameters()
+              if n.startswith(("model.layers.", "model.norm.")) and not n.startswith("model.embed_tokens")]
+    for p in params:
+        p.requires_grad_(True)
+    hf.train(False)
+    opt = torch.optim.AdamW(params, lr=opts.lm_anneal_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start, before = stage.resume(opt, model=hf)
+    if start == 0:
+        stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab, compound=False))
+    timer = Timer(before)
+    body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
+    steps = opts.lm_anneal_steps
+    for step in loop(stage, steps, start, "anneal"):
+        set_lr(opt, cosine_lr(step, steps, opts.lm_anneal_lr, warmup=min(50, steps // 10)))
+        loss, acc = run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch), vocab, body, compound=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        if stage.due():
+            stage.checkpoint(step + 1, timer(), opt, model=hf)
+    final = eval_acc(hf, opts, vocab, compound=False)
+    stage.log(event="end", eval_acc=final)
+    hf.requires_grad_(False)
+    base = stage.dir / "base"
+    hf.save_pretrained(str(base))
+    proc.save_pretrained(base)
+    stage.finish(wall_s=timer(), eval_acc=final, steps=steps)
     if stage.state_path.exists():
         stage.state_path.unlink()
