@@ -143,6 +143,15 @@ def test_scene_targets():
         frames = noisy_frames(random.Random(seed), "four four four", vocab)
         spikes = [f for i, f in enumerate(frames) if f != vocab.blank and (i == 0 or frames[i - 1] != f)]
         assert len(spikes) == 3, frames  # CTC collapse reads three words
+        dense = noisy_frames(random.Random(seed), "four four four", vocab, word_span=(1, 2))
+        spikes = [f for i, f in enumerate(dense) if f != vocab.blank and (i == 0 or dense[i - 1] != f)]
+        assert len(spikes) == 3 and len(dense) <= 2 + 3 * 3 + 2, dense  # edges and words of 1-2 frames (+ 1 blank)
+    from phimm.train.lm import word_frames
+
+    assert word_frames("1-4") == (1, 4)
+    for bad in ("0-4", "4-1", "2", "a-b"):
+        with pytest.raises(ValueError, match="lm_anneal_word_frames"):
+            word_frames(bad)
 
 
 def test_set_option_parses_its_type():

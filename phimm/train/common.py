@@ -77,6 +77,8 @@ class Options:
     lm_anneal_steps: int = 0
     lm_anneal_lr: float = 5e-4
     lm_anneal_task_weights: str = "asr:0.15,vqa:0.25,svqa:0.5,text:0.1"
+    # the frames a word spans in the anneal's noisy transcripts ("min-max"; the LM stage: 2-6)
+    lm_anneal_word_frames: str = "2-6"
     asr_samples: int = 6000
     ctc_steps: int = 3000
     ctc_batch: int = 24
@@ -459,13 +461,14 @@ def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
 # ---------------------------------------------------------------- noisy transcripts (the audio's soft tokens)
 
 
-def noisy_frames(rng: random.Random, text: str, vocab: Vocab, rate: float | None = None) -> list[int]:
+def noisy_frames(rng: random.Random, text: str, vocab: Vocab, rate: float | None = None,
+                 word_span: tuple[int, int] = (2, 6)) -> list[int]:
     """The frame tokens a word-level CTC encoder emits for `text` at 80 ms frames: mostly blanks, each word as a
-    spike of 1-2 frames somewhere in its 2-6 frame span."""
-    out = [vocab.blank] * rng.randint(1, 6)
+    spike of 1-2 frames somewhere in its `word_span` (2-6) frames, as many blanks before and after."""
+    out = [vocab.blank] * rng.randint(1, word_span[1])
     for w in text.split():
-        dur = rng.randint(2, 6)
-        k = 1 if rng.random() < 0.65 else 2
+        dur = rng.randint(*word_span)
+        k = 1 if rng.random() < 0.65 or dur < 2 else 2
         pos = rng.randint(0, dur - k)
         span = [vocab.blank] * dur
         for i in range(k):
@@ -473,7 +476,7 @@ def noisy_frames(rng: random.Random, text: str, vocab: Vocab, rate: float | None
         if pos == 0 and out[-1] == vocab.words[w]:  # CTC puts a blank between a repeated word's two spikes
             span = [vocab.blank] + span
         out += span
-    out += [vocab.blank] * rng.randint(1, 6)
+    out += [vocab.blank] * rng.randint(1, word_span[1])
     return out
 
 

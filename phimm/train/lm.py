@@ -63,12 +63,13 @@ def scene_question(rng: random.Random, scene, qweights: dict[str, float] | None 
     return domain.question_for_scene(rng, scene, qtype)
 
 
-def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
-    """(ids, n_prompt, mix) where mix lists (position, weight) of frames to blend with the blank embedding."""
+def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options, span: tuple[int, int] = (2, 6)):
+    """(ids, n_prompt, mix) where mix lists (position, weight) of frames to blend with the blank embedding;
+    `span`: the frames a spoken word spans (`noisy_frames`)."""
     mix = []
     if task == "asr":
         text, _ = domain.utterance(rng)
-        frames = noisy_frames(rng, text, vocab)
+        frames = noisy_frames(rng, text, vocab, word_span=span)
         ids = vocab.prompt(domain.ASR_INSTRUCTION, n_audio=len(frames))
         ids = _fill(ids, vocab.audio, frames)
         answer = text
@@ -82,7 +83,7 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options):
         if task == "vqa":
             ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
         else:
-            frames = noisy_frames(rng, q.text, vocab)
+            frames = noisy_frames(rng, q.text, vocab, word_span=span)
             ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
             ids = _fill(_fill(ids, vocab.image, cells), vocab.audio, frames)
             mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
@@ -261,7 +262,15 @@ def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int):
     """Step `step`'s examples of the `lm_anneal` stage: one task per batch from `lm_anneal_task_weights`."""
     rng = random.Random(f"phimm-train:lm_anneal:{opts.seed}:{step}")
     task = rng.choices(TASKS, list(weights(opts.lm_anneal_task_weights, TASKS).values()))[0]
-    return [make_example(rng, task, vocab, opts) for _ in range(size)]
+    return [make_example(rng, task, vocab, opts, word_frames(opts.lm_anneal_word_frames)) for _ in range(size)]
+
+
+def word_frames(spec: str) -> tuple[int, int]:
+    """"min-max" (1 <= min <= max) as a tuple; ValueError saying what is wrong otherwise."""
+    lo, _, hi = spec.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+        raise ValueError(f"lm_anneal_word_frames: {spec!r} is not min-max frames with 1 <= min <= max")
+    return int(lo), int(hi)
 
 
 def run_anneal(run_dir, opts: Options) -> None:
@@ -278,6 +287,7 @@ def run_anneal(run_dir, opts: Options) -> None:
         stage.finish(wall_s=0.0, steps=0)
         return
     weights(opts.lm_anneal_task_weights, TASKS)
+    word_frames(opts.lm_anneal_word_frames)
     hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
     vocab = Vocab(proc.tokenizer, hf.config)
     params = [p for n, p in hf.named_parameters()
