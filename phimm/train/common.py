@@ -461,8 +461,7 @@ def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
 # ---------------------------------------------------------------- noisy transcripts (the audio's soft tokens)
 
 
-def noisy_frames(rng: random.Random, text: str, vocab: Vocab, rate: float | None = None,
-                 word_span: tuple[int, int] = (2, 6)) -> list[int]:
+def noisy_frames(rng: random.Random, text: str, vocab: Vocab, word_span: tuple[int, int] = (2, 6)) -> list[int]:
     """The frame tokens a word-level CTC encoder emits for `text` at 80 ms frames: mostly blanks, each word as a
     spike of 1-2 frames somewhere in its `word_span` (2-6) frames, as many blanks before and after."""
     out = [vocab.blank] * rng.randint(1, word_span[1])

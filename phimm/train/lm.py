@@ -210,6 +210,22 @@ def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True) -> dict:
     return out
 
 
+def train_steps(stage: Stage, hf, opt, params, start: int, steps: int, desc: str, timer: Timer, lr_at, loss_at) -> None:
+    """Steps `start`..`steps` of an LM stage: `lr_at(step)`, `loss_at(step) -> (loss, acc)`, clipped AdamW steps,
+    a log record every 10 steps and a resumable checkpoint every minute."""
+    for step in loop(stage, steps, start, desc):
+        set_lr(opt, lr_at(step))
+        loss, acc = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        if stage.due():
+            stage.checkpoint(step + 1, timer(), opt, model=hf)
+
+
 def run(run_dir, opts: Options) -> None:
     from transformers import Phi4MultimodalForCausalLM
 
@@ -233,18 +249,9 @@ def run(run_dir, opts: Options) -> None:
         stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab))
     timer = Timer(before)
     body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
-    for step in loop(stage, opts.lm_steps, start, "text"):
-        set_lr(opt, cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)))
-        ex = batch(step, opts, vocab, opts.lm_batch)
-        loss, acc = run_loss(hf, ex, vocab, body)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == opts.lm_steps - 1:
-            stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
-        if stage.due():
-            stage.checkpoint(step + 1, timer(), opt, model=hf)
+    train_steps(stage, hf, opt, params, start, opts.lm_steps, "text", timer,
+                lambda step: cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)),
+                lambda step: run_loss(hf, batch(step, opts, vocab, opts.lm_batch), vocab, body))
     final = eval_acc(hf, opts, vocab)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)
@@ -265,6 +272,7 @@ def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int):
     return [make_example(rng, task, vocab, opts, word_frames(opts.lm_anneal_word_frames)) for _ in range(size)]
 
 
+@functools.lru_cache(maxsize=None)
 def word_frames(spec: str) -> tuple[int, int]:
     """"min-max" (1 <= min <= max) as a tuple; ValueError saying what is wrong otherwise."""
     lo, _, hi = spec.partition("-")
@@ -290,11 +298,9 @@ def run_anneal(run_dir, opts: Options) -> None:
     word_frames(opts.lm_anneal_word_frames)
     hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
     vocab = Vocab(proc.tokenizer, hf.config)
-    params = [p for n, p in hf.named_parameters()
-              if n.startswith(("model.layers.", "model.norm.")) and not n.startswith("model.embed_tokens")]
+    params = [p for n, p in hf.named_parameters() if n.startswith(("model.layers.", "model.norm."))]
     for p in params:
         p.requires_grad_(True)
-    hf.train(False)
     opt = torch.optim.AdamW(params, lr=opts.lm_anneal_lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, before = stage.resume(opt, model=hf)
     if start == 0:
@@ -302,17 +308,10 @@ def run_anneal(run_dir, opts: Options) -> None:
     timer = Timer(before)
     body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
     steps = opts.lm_anneal_steps
-    for step in loop(stage, steps, start, "anneal"):
-        set_lr(opt, cosine_lr(step, steps, opts.lm_anneal_lr, warmup=min(50, steps // 10)))
-        loss, acc = run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch), vocab, body, compound=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
-        if stage.due():
-            stage.checkpoint(step + 1, timer(), opt, model=hf)
+    train_steps(stage, hf, opt, params, start, steps, "anneal", timer,
+                lambda step: cosine_lr(step, steps, opts.lm_anneal_lr, warmup=min(50, steps // 10)),
+                lambda step: run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch), vocab, body,
+                                      compound=False))
     final = eval_acc(hf, opts, vocab, compound=False)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)
