@@ -18,8 +18,8 @@ import torch
 
 from ..toy import domain
 from .common import (Options, bidirectional_vision, Stage, Timer, Vocab, build_config, build_processor, build_tokenizer,
-                     cosine_lr, grid_tokens, hd_geometry, lm_batch_loss, loop, noisy_frames, random_layout_scene,
-                     set_lr, slot_grid)
+                     cosine_lr, grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, noisy_frames,
+                     random_layout_scene, set_lr, slot_grid)
 
 TASKS = ("asr", "vqa", "svqa", "text")
 
@@ -63,13 +63,14 @@ def scene_question(rng: random.Random, scene, qweights: dict[str, float] | None 
     return domain.question_for_scene(rng, scene, qtype)
 
 
-def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options, span: tuple[int, int] = (2, 6)):
+def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
+                 word_span: tuple[int, int] = (2, 6)):
     """(ids, n_prompt, mix) where mix lists (position, weight) of frames to blend with the blank embedding;
-    `span`: the frames a spoken word spans (`noisy_frames`)."""
+    `word_span`: the frames a spoken word spans (`noisy_frames`)."""
     mix = []
     if task == "asr":
         text, _ = domain.utterance(rng)
-        frames = noisy_frames(rng, text, vocab, word_span=span)
+        frames = noisy_frames(rng, text, vocab, word_span=word_span)
         ids = vocab.prompt(domain.ASR_INSTRUCTION, n_audio=len(frames))
         ids = _fill(ids, vocab.audio, frames)
         answer = text
@@ -83,7 +84,7 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options, spa
         if task == "vqa":
             ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
         else:
-            frames = noisy_frames(rng, q.text, vocab, word_span=span)
+            frames = noisy_frames(rng, q.text, vocab, word_span=word_span)
             ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
             ids = _fill(_fill(ids, vocab.image, cells), vocab.audio, frames)
             mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
@@ -285,8 +286,6 @@ def run_anneal(run_dir, opts: Options) -> None:
     """Stage `lm_anneal`: the LM stage's base trains `lm_anneal_steps` more steps, decoder only (embeddings and
     the tied head frozen: the cell parametrisation is baked in), from a fresh AdamW at `lm_anneal_lr` (cosine),
     on the `lm_anneal_task_weights` mix; saved as `{run}/lm_anneal/base`, the base of every later stage."""
-    from .common import load_base
-
     stage = Stage(run_dir, "lm_anneal")
     if stage.done:
         return
