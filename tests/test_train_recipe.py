@@ -86,9 +86,45 @@ def test_lm_anneal_trains_the_decoder_only(run):
     assert sum(k.startswith("model.layers.") for k in changed) >= 4
     assert base_dir(run) == run / "lm_anneal" / "base"
     assert len([r for r in _log(run, "lm_anneal") if "loss" in r]) >= 3
+    # the test preset reads spoken questions through the trained speech encoder (lm_anneal_spoken)
+    end = next(r["eval_acc"] for r in _log(run, "lm_anneal") if r.get("event") == "end")
+    assert 0.0 <= end["svqa_spoken"] <= 1.0
     exported = load_file(run / "model" / "model.safetensors")
     k = next(k for k in sorted(changed) if k.endswith("self_attn.o_proj.weight"))
     assert torch.equal(exported[k], after[k])
+
+
+def test_spoken_pool_questions_are_read_as_soft_frames(run):
+    """With a pool from the trained speech encoder, a spoken-question example carries the clip's CTC posteriors
+    (one frame per audio placeholder, rows summing to 1), and the loss reads them: other posteriors, another
+    loss."""
+    import random
+
+    from phimm.toy import domain
+    from phimm.train.common import Options, Vocab, load_base
+    from phimm.train.lm import make_example, run_loss, spoken_pool
+
+    opts = Options.load(run / "options.json")
+    pool = spoken_pool(run, opts, 123, 40, desc="test")
+    assert sum(len(v) for v in pool.values()) == 40
+    hf, proc = load_base(run)
+    vocab = Vocab(proc.tokenizer, hf.config)
+    every = {text: [p for ps in pool.values() for p in ps] for text in pool}  # any clip for any pooled text
+    rng = random.Random(0)
+    ex = None
+    for _ in range(200):  # until the drawn question is one the pool holds
+        ex = make_example(rng, "svqa", vocab, opts, spoken=every)
+        if ex[3] is not None:
+            break
+    ids, n_prompt, mix, soft = ex
+    assert soft is not None and not mix
+    assert ids.count(vocab.audio) == soft.shape[0] and soft.shape[1] == len(domain.VOCAB) + 1
+    assert torch.allclose(soft.sum(-1), torch.ones(soft.shape[0]), atol=1e-5)
+    with torch.no_grad():
+        loss, _ = run_loss(hf, [ex], vocab, compound=False)
+        flat = torch.full_like(soft, 1.0 / soft.shape[1])
+        other, _ = run_loss(hf, [(ids, n_prompt, mix, flat)], vocab, compound=False)
+    assert not torch.isclose(loss, other)
 
 
 def test_export_loads_and_scores(run):
@@ -184,7 +220,7 @@ def test_lm_batch_schedule():
 
     def tasks(opts, step):
         out = []
-        for ids, n, _ in lm.batch(step, opts, vocab, 24):
+        for ids, n, _, _ in lm.batch(step, opts, vocab, 24):
             prompt = tok.decode(ids[:n])
             out.append("asr" if domain.ASR_INSTRUCTION in prompt else "svqa" if domain.SPOKEN_VQA_INSTRUCTION in prompt
                        else "vqa" if set(vocab.cells) & set(ids) else "text")

@@ -79,6 +79,10 @@ class Options:
     lm_anneal_task_weights: str = "asr:0.15,vqa:0.25,svqa:0.5,text:0.1"
     # the frames a word spans in the anneal's noisy transcripts ("min-max"; the LM stage: 2-6)
     lm_anneal_word_frames: str = "2-6"
+    # > 0: this many spoken questions (training voices) go through the trained speech encoder, and the anneal's
+    # spoken-question examples read their CTC posteriors as soft frames (sum_k p_k E[k], what the projectors are
+    # fitted to emit) instead of synthetic noisy transcripts
+    lm_anneal_spoken: int = 0
     asr_samples: int = 6000
     ctc_steps: int = 3000
     ctc_batch: int = 24
@@ -117,7 +121,7 @@ PRESETS: dict[str, dict] = {
     # the end-to-end test: a few hundred samples, tiny steps
     "test": dict(lm_hidden=64, lm_layers=2, lm_intermediate=128, vision_hidden=32, vision_layers=1, audio_hidden=48,
                  audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_first="asr:40", lm_compile=False,
-                 lm_anneal_steps=30,
+                 lm_anneal_steps=30, lm_anneal_spoken=48,
                  lm_batch=16, asr_samples=240, ctc_steps=120,
                  ctc_batch=16, proj_steps=300, speech_e2e_steps=25, e2e_batch=8, vqa_samples=160, cell_steps=80,
                  cell_batch=16, vision_e2e_steps=25, svqa_samples=64, vs_steps=20, eval_asr=16, eval_vqa=24,

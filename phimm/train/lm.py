@@ -64,10 +64,12 @@ def scene_question(rng: random.Random, scene, qweights: dict[str, float] | None 
 
 
 def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
-                 word_span: tuple[int, int] = (2, 6)):
-    """(ids, n_prompt, mix) where mix lists (position, weight) of frames to blend with the blank embedding;
-    `word_span`: the frames a spoken word spans (`noisy_frames`)."""
-    mix = []
+                 word_span: tuple[int, int] = (2, 6), spoken: dict | None = None):
+    """(ids, n_prompt, mix, soft) where mix lists (position, weight) of frames to blend with the blank embedding
+    and soft is None or the CTC posteriors [frames, blank + words] of a real spoken question, the audio
+    placeholders' soft frames; `word_span`: the frames a synthetic spoken word spans (`noisy_frames`); `spoken`:
+    {question text: [posteriors, ...]} (`spoken_pool`), used for the questions it holds."""
+    mix, soft = [], None
     if task == "asr":
         text, _ = domain.utterance(rng)
         frames = noisy_frames(rng, text, vocab, word_span=word_span)
@@ -83,6 +85,10 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
         cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
         if task == "vqa":
             ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
+        elif spoken and q.text in spoken:
+            soft = rng.choice(spoken[q.text])
+            ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=soft.shape[0])
+            ids = _fill(ids, vocab.image, cells)
         else:
             frames = noisy_frames(rng, q.text, vocab, word_span=word_span)
             ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
@@ -94,7 +100,7 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
         prompt, answer, _ = domain.text_example(rng)
         ids = vocab.prompt(prompt)
     n = len(ids)
-    return ids + vocab.answer(answer), n, mix
+    return ids + vocab.answer(answer), n, mix, soft
 
 
 def _fill(ids: list[int], placeholder: int, values: list[int]) -> list[int]:
@@ -172,9 +178,11 @@ def run_loss(hf, examples, vocab: Vocab, body=None, compound: bool = True):
 
     def embed_fn(ids, emb):
         blank, bg = table[vocab.blank], table[vocab.cells[0]]
-        for i, (row, _, mix) in enumerate(examples):
+        for i, (row, _, mix, soft) in enumerate(examples):
             for pos, w in mix:  # a word fades towards the CTC blank, a scene cell towards the background
                 emb[i, pos] = w * emb[i, pos] + (1 - w) * (bg if row[pos] in cells else blank)
+            if soft is not None:  # a real spoken question: sum_k p_k E[k] per frame
+                emb[i, ids[i] == vocab.audio] = soft @ table[vocab.ctc_ids]
         return emb
 
     return lm_batch_loss(hf, rows, n_prompt, embed_fn, table=table, body=body)
@@ -199,13 +207,15 @@ def compiled_body(hf, opts: Options, vocab: Vocab, stage: Stage):
     return body
 
 
-def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True) -> dict:
-    """Answer-token accuracy (teacher forced) on fixed batches of each task."""
+def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True, spoken: dict | None = None) -> dict:
+    """Answer-token accuracy (teacher forced) on fixed batches of each task; with `spoken` (`spoken_pool`), also
+    "svqa_spoken": spoken questions read from the speech encoder's posteriors."""
     out = {}
     with torch.no_grad():
-        for task in TASKS:
+        for task in TASKS + (("svqa_spoken",) if spoken else ()):
             rng = random.Random(f"phimm-train:lm:eval:{opts.seed}:{task}")
-            ex = [make_example(rng, task, vocab, opts) for _ in range(32)]
+            ex = [make_example(rng, task.removesuffix("_spoken"), vocab, opts,
+                               spoken=spoken if task == "svqa_spoken" else None) for _ in range(32)]
             loss, acc = run_loss(hf, ex, vocab, compound=compound)
             out[task] = round(acc, 4)
     return out
@@ -266,11 +276,29 @@ def run(run_dir, opts: Options) -> None:
         stage.state_path.unlink()
 
 
-def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int):
-    """Step `step`'s examples of the `lm_anneal` stage: one task per batch from `lm_anneal_task_weights`."""
+def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int, spoken: dict | None = None):
+    """Step `step`'s examples of the `lm_anneal` stage: one task per batch from `lm_anneal_task_weights`; spoken
+    questions from `spoken` (`spoken_pool`) where it holds them."""
     rng = random.Random(f"phimm-train:lm_anneal:{opts.seed}:{step}")
     task = rng.choices(TASKS, list(weights(opts.lm_anneal_task_weights, TASKS).values()))[0]
-    return [make_example(rng, task, vocab, opts, word_frames(opts.lm_anneal_word_frames)) for _ in range(size)]
+    return [make_example(rng, task, vocab, opts, word_frames(opts.lm_anneal_word_frames), spoken)
+            for _ in range(size)]
+
+
+def spoken_pool(run_dir, opts: Options, seed: int, n: int, heldout: bool = False,
+                desc: str = "lm_anneal:spoken") -> dict[str, list[torch.Tensor]]:
+    """{question text: [CTC posteriors [frames, blank + words], ...]} of `n` spoken questions of the toy data
+    (`seed`), read by the run's trained speech encoder as at inference: how the LM will see spoken questions."""
+    from .common import fresh_model
+    from .speech import load_encoder, make_clips
+
+    proc, hf = fresh_model(opts, opts.seed + 1)
+    encoder, head = load_encoder(run_dir, hf, opts)
+    out: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for feats, n_tok, text in make_clips(proc, "spoken_vqa", n, seed, heldout=heldout, desc=desc):
+            out.setdefault(text, []).append(head(encoder(feats[None], None)[0, :n_tok]).softmax(-1))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,21 +325,22 @@ def run_anneal(run_dir, opts: Options) -> None:
     word_frames(opts.lm_anneal_word_frames)
     hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
     vocab = Vocab(proc.tokenizer, hf.config)
+    spoken = spoken_pool(run_dir, opts, opts.seed + 55, opts.lm_anneal_spoken) if opts.lm_anneal_spoken else None
     params = [p for n, p in hf.named_parameters() if n.startswith(("model.layers.", "model.norm."))]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=opts.lm_anneal_lr, weight_decay=0.01, betas=(0.9, 0.98))
     start, before = stage.resume(opt, model=hf)
     if start == 0:
-        stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab, compound=False))
+        stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab, compound=False, spoken=spoken))
     timer = Timer(before)
     body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
     steps = opts.lm_anneal_steps
     train_steps(stage, hf, opt, params, start, steps, "anneal", timer,
                 lambda step: cosine_lr(step, steps, opts.lm_anneal_lr, warmup=min(50, steps // 10)),
-                lambda step: run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch), vocab, body,
+                lambda step: run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch, spoken), vocab, body,
                                       compound=False))
-    final = eval_acc(hf, opts, vocab, compound=False)
+    final = eval_acc(hf, opts, vocab, compound=False, spoken=spoken)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)
     base = stage.dir / "base"
