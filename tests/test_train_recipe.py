@@ -127,6 +127,18 @@ def test_spoken_pool_questions_are_read_as_soft_frames(run):
     assert not torch.isclose(loss, other)
 
 
+def test_probe_scores_every_route(run, capsys):
+    """`python -m phimm.train.probe` scores held-out spoken questions on each of its inputs, per question type."""
+    from phimm.toy.domain import QUESTION_TYPES
+    from phimm.train.probe import main
+
+    assert main(["--run", str(run), "--n", "16"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(result) == {"base, slot grid, posteriors", "base, slot grid, argmax frames", "trained route"}
+    for scores in result.values():
+        assert 0.0 <= scores["all"] <= 1.0 and set(scores) - {"all"} <= set(QUESTION_TYPES)
+
+
 def test_export_loads_and_scores(run):
     import phimm
 

@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-# in launch order: the longest independent stage first, so the two workers finish their first stages together
-STAGES = ("vision_encoder", "lm", "lm_anneal", "speech_encoder", "speech", "vision", "vision_speech", "export", "eval")
+# in launch order: with two workers, the LM chain (lm, then lm_anneal, which reads speech through the trained speech
+# encoder) runs beside the encoder chain (speech_encoder, then vision_encoder), and the two end together
+STAGES = ("lm", "speech_encoder", "vision_encoder", "lm_anneal", "speech", "vision", "vision_speech", "export", "eval")
 DEPS = {
     "lm": (),
     "lm_anneal": ("lm", "speech_encoder"),

@@ -74,15 +74,15 @@ class Options:
     lm_mixed_batches: bool = False  # one task per example instead of per batch
     # stage `lm_anneal`: after the LM stage, the decoder alone (embeddings frozen) trains `lm_anneal_steps` more
     # steps from a fresh optimiser at a lower peak rate, on its own task mix (0 steps: the stage does nothing)
-    lm_anneal_steps: int = 0
-    lm_anneal_lr: float = 5e-4
-    lm_anneal_task_weights: str = "asr:0.15,vqa:0.25,svqa:0.5,text:0.1"
+    lm_anneal_steps: int = 1500
+    lm_anneal_lr: float = 7e-4
+    lm_anneal_task_weights: str = "asr:0.1,vqa:0.2,svqa:0.6,text:0.1"
     # the frames a word spans in the anneal's noisy transcripts ("min-max"; the LM stage: 2-6)
     lm_anneal_word_frames: str = "2-6"
     # > 0: this many spoken questions (training voices) go through the trained speech encoder, and the anneal's
     # spoken-question examples read their CTC posteriors as soft frames (sum_k p_k E[k], what the projectors are
     # fitted to emit) instead of synthetic noisy transcripts
-    lm_anneal_spoken: int = 0
+    lm_anneal_spoken: int = 3000
     asr_samples: int = 6000
     ctc_steps: int = 3000
     ctc_batch: int = 24

@@ -50,7 +50,7 @@ def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool
         ii = proc.process_image(img)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         rec = dict(image=ii, grid=slot_grid(scene, g["f"]), uh=g["uh"], uw=g["uw"],
-                   question=s["question"], answer=s["answer"])
+                   question=s["question"], answer=s["answer"], question_type=s["question_type"])
         if keep_audio:
             rec["audio"] = proc.process_audio((s["audio"], s["sample_rate"]))
         out.append(rec)
