@@ -337,3 +337,14 @@ def test_stage_resume_restores_everything_or_refuses(tmp_path):
     with pytest.raises(RuntimeError, match="lacks"):
         stage.resume(opt2, a=a2, b=b2, c=c)
     assert torch.equal(c.weight, before)
+
+
+def test_lm_anneal_on_spoken_questions_needs_the_speech_encoder(tmp_path):
+    """Reading spoken questions through the speech encoder before that stage has finished is refused, saying
+    what to do, before any model is loaded."""
+    from phimm.train.common import Options
+    from phimm.train.lm import run_anneal
+
+    opts = Options(lm_anneal_steps=10, lm_anneal_spoken=8)
+    with pytest.raises(RuntimeError, match="speech_encoder stage has not finished"):
+        run_anneal(tmp_path, opts)

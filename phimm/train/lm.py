@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import random
+from pathlib import Path
 
 import torch
 
@@ -323,6 +324,10 @@ def run_anneal(run_dir, opts: Options) -> None:
         return
     weights(opts.lm_anneal_task_weights, TASKS)
     word_frames(opts.lm_anneal_word_frames)
+    if opts.lm_anneal_spoken and not (Path(run_dir) / "speech_encoder" / "done.json").is_file():
+        raise RuntimeError(f"{run_dir}: lm_anneal_spoken={opts.lm_anneal_spoken} reads spoken questions through the "
+                           "trained speech encoder, and the speech_encoder stage has not finished: run it first, or "
+                           "set lm_anneal_spoken=0")
     hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
     vocab = Vocab(proc.tokenizer, hf.config)
     spoken = spoken_pool(run_dir, opts, opts.seed + 55, opts.lm_anneal_spoken) if opts.lm_anneal_spoken else None
