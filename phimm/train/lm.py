@@ -210,7 +210,7 @@ def compiled_body(hf, opts: Options, vocab: Vocab, stage: Stage):
 
 def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True, spoken: dict | None = None) -> dict:
     """Answer-token accuracy (teacher forced) on fixed batches of each task; with `spoken` (`spoken_pool`), also
-    "svqa_spoken": spoken questions read from the speech encoder's posteriors."""
+    "svqa_spoken": spoken questions read from the speech encoder's posteriors of the pool's own (training) clips."""
     out = {}
     with torch.no_grad():
         for task in TASKS + (("svqa_spoken",) if spoken else ()):
@@ -286,7 +286,7 @@ def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int, spoken: dict
             for _ in range(size)]
 
 
-def spoken_pool(run_dir, opts: Options, seed: int, n: int, heldout: bool = False,
+def spoken_pool(run_dir, opts: Options, seed: int, n: int,
                 desc: str = "lm_anneal:spoken") -> dict[str, list[torch.Tensor]]:
     """{question text: [CTC posteriors [frames, blank + words], ...]} of `n` spoken questions of the toy data
     (`seed`), read by the run's trained speech encoder as at inference: how the LM will see spoken questions."""
@@ -297,7 +297,7 @@ def spoken_pool(run_dir, opts: Options, seed: int, n: int, heldout: bool = False
     encoder, head = load_encoder(run_dir, hf, opts)
     out: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for feats, n_tok, text in make_clips(proc, "spoken_vqa", n, seed, heldout=heldout, desc=desc):
+        for feats, n_tok, text in make_clips(proc, "spoken_vqa", n, seed, desc=desc):
             out.setdefault(text, []).append(head(encoder(feats[None], None)[0, :n_tok]).softmax(-1))
     return out
 
