@@ -7,10 +7,10 @@ Stages (each in `{run}/{stage}/`: `log.jsonl` of losses, `state.pt` while runnin
 rerunning skips finished stages and resumes an interrupted one from its last state):
 
     lm              base LM: soft-token transcripts alone first, then with domain text and slot grids
-    lm_anneal       (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix, spoken questions
-                    read through the trained speech encoder (lm_anneal_spoken); the base is frozen  (lm, speech_encoder)
     speech_encoder  conformer + word-level CTC head                          (independent of lm)
     vision_encoder  SigLIP + colour-slot classifier, fresh images each step  (independent of lm)
+    lm_anneal       (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix, spoken questions
+                    read through the trained speech encoder (lm_anneal_spoken); the base is frozen  (lm, speech_encoder)
     speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm_anneal, speech_encoder)
     vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm_anneal, vision_encoder)
     vision_speech   vision-speech projector, end to end on spoken image questions   (speech, vision)
