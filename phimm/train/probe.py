@@ -30,7 +30,7 @@ from .common import (Options, Vocab, add_train_lora, apply_parts, grid_tokens, l
 def probe(run_dir: Path, n: int = 150) -> dict[str, dict[str, float]]:
     """{row: {question type: accuracy, "all": accuracy}} (rows as in the module's doc)."""
     from .evaluate import HELDOUT_SEED_OFFSET
-    from .speech import load_encoder
+    from .speech import encode, load_encoder
     from .vision import cache_features, image_embeds, make_images
 
     opts = Options.load(run_dir / "options.json")
@@ -41,25 +41,23 @@ def probe(run_dir: Path, n: int = 150) -> dict[str, dict[str, float]]:
     encoder, head = load_encoder(run_dir, hf, opts)
     items = make_images(proc, opts, "spoken_vqa", n, opts.seed + HELDOUT_SEED_OFFSET, heldout=True,
                         keep_audio=True, desc="probe:data")
+    encoded = encode(encoder, head, [(it["audio"].features, it["audio"].num_tokens, None) for it in items])
     table = hf.model.embed_tokens.weight
     ctc = table[vocab.ctc_ids]
     ie, ae = hf.model.embed_tokens_extend.image_embed, hf.model.embed_tokens_extend.audio_embed
-    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
-        "base, slot grid, posteriors": [], "base, slot grid, argmax frames": [], "trained route": []}
+    names = ["base, slot grid, posteriors", "base, slot grid, argmax frames"] + (["trained route"] if trained else [])
+    rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
     with torch.no_grad():
         if trained:
             cache_features(ie, items)
-        for it in items:
-            h = encoder(it["audio"].features[None], None)[0, : it["audio"].num_tokens]
-            p = head(h).softmax(-1)
+        for it, (h, logp, _) in zip(items, encoded):
+            p = logp.exp()
             grid = table[torch.tensor(grid_tokens(it["grid"], it["uh"], it["uw"], vocab))]
             rows["base, slot grid, posteriors"].append((grid, p @ ctc))
             rows["base, slot grid, argmax frames"].append((grid, ctc[p.argmax(-1)]))
             if trained:
                 vs = ae.down_proj_for_vision_speech(nn.functional.gelu(ae.up_proj_for_vision_speech(h)))
                 rows["trained route"].append((image_embeds(ie, [it], hf.config.hidden_size, vocab.image), vs))
-    if not trained:
-        del rows["trained route"]
 
     def right(image: torch.Tensor, audio: torch.Tensor, it: dict) -> bool:
         prompt = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=image.shape[0], n_audio=audio.shape[0])
