@@ -86,6 +86,8 @@ def test_lm_anneal_trains_the_decoder_only(run):
     assert sum(k.startswith("model.layers.") for k in changed) >= 4
     assert base_dir(run) == run / "lm_anneal" / "base"
     assert len([r for r in _log(run, "lm_anneal") if "loss" in r]) >= 3
+    pool = torch.load(run / "spoken_pool" / "pool.pt", weights_only=True)  # the clips the anneal read
+    assert sum(len(v) for v in pool.values()) == json.loads((run / "options.json").read_text())["lm_anneal_spoken"]
     # the test preset reads spoken questions through the trained speech encoder (lm_anneal_spoken)
     end = next(r["eval_acc"] for r in _log(run, "lm_anneal") if r.get("event") == "end")
     assert 0.0 <= end["svqa_spoken"] <= 1.0
@@ -341,10 +343,72 @@ def test_stage_resume_restores_everything_or_refuses(tmp_path):
 
 def test_lm_anneal_on_spoken_questions_needs_the_speech_encoder(tmp_path):
     """Reading spoken questions through the speech encoder before that stage has finished is refused, saying
-    what to do, before any model is loaded."""
+    what to do, before any model is loaded; so is annealing on them before the pool is made."""
     from phimm.train.common import Options
-    from phimm.train.lm import run_anneal
+    from phimm.train.lm import run_anneal, run_pool
 
     opts = Options(lm_anneal_steps=10, lm_anneal_spoken=8)
     with pytest.raises(RuntimeError, match="speech_encoder stage has not finished"):
+        run_pool(tmp_path, opts)
+    with pytest.raises(RuntimeError, match="spoken_pool stage has not finished"):
         run_anneal(tmp_path, opts)
+    assert not (tmp_path / "lm_anneal" / "done.json").exists()
+
+
+def test_vision_encoder_batches_reuse_each_scene_for_cell_reuse_steps():
+    """`cell_reuse=k`: step s's batch is the scenes first drawn at steps s-k+1..s (ceil(cell_batch/k) each), so a
+    scene serves k consecutive steps; a resumed run (empty cache) draws the same batch; k=1 is `fresh_batch`."""
+    import random
+
+    from phimm.train.common import PRESETS, Options, fresh_model
+    from phimm.train.vision import fresh_batch, reused_batch
+
+    opts = Options(**{**PRESETS["test"], "cell_batch": 6, "cell_reuse": 3})
+    proc, _ = fresh_model(opts, 0)
+    cache: dict = {}
+    b4 = reused_batch(proc, opts, 4, cache)
+    b5 = reused_batch(proc, opts, 5, cache)
+    assert b4[0].shape[0] == b5[0].shape[0] == 6 and sorted(cache) == [3, 4, 5]
+    # the two newest draws of step 4 come back at step 5, in the same order; one new draw is added
+    assert torch.equal(b5[0][:4], b4[0][2:]) and torch.equal(b5[2][:4], b4[2][2:])
+    assert not torch.equal(b5[0][4:], b4[0][:2])
+    resumed = reused_batch(proc, opts, 5, {})
+    assert all(torch.equal(a, b) for a, b in zip(resumed, b5))
+    single = Options(**{**opts.__dict__, "cell_reuse": 1})
+    want = fresh_batch(proc, single, random.Random(f"slots:{single.seed}:7"), single.cell_batch)
+    assert all(torch.equal(a, b) for a, b in zip(reused_batch(proc, single, 7, {}), want))
+
+
+def test_stage_threads_follow_the_dependency_graph():
+    """A stage gets every worker's thread only when no other stage still to run can run beside it."""
+    from phimm.train import STAGES, threads_for
+
+    got = {s: threads_for(s, STAGES, 2) for s in STAGES}
+    assert got == {**{s: 1 for s in STAGES}, "vision_speech": 2, "export": 2, "eval": 2}
+    assert threads_for("spoken_pool", STAGES, 2) == 1  # beside the LM stage
+    assert threads_for("lm", ("lm",), 2) == 2  # `--stages lm`
+    assert threads_for("lm_anneal", ("lm_anneal", "speech", "vision"), 2) == 2  # the encoders are done
+    assert threads_for("speech", ("speech", "vision", "export"), 2) == 1
+    assert threads_for("eval", STAGES, 1) == 1
+
+
+def test_lm_loss_reads_the_answer_tokens_only():
+    """`lm_batch_loss` scores the answer tokens of right-padded rows: the same loss as a cross-entropy over every
+    position with the prompt and the padding ignored."""
+    from transformers import Phi4MultimodalForCausalLM
+
+    from phimm.train.common import Options, build_config, build_tokenizer, lm_batch_loss
+
+    opts = Options(lm_hidden=32, lm_layers=1, lm_intermediate=64)
+    cfg = build_config(build_tokenizer(opts), opts)
+    torch.manual_seed(0)
+    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    n_prompt = [4, 1]
+    loss, acc = lm_batch_loss(hf, rows, n_prompt)
+    want = []
+    for r, n in zip(rows, n_prompt):
+        logits = hf(input_ids=torch.tensor([r])).logits[0, :-1]
+        want.append(torch.nn.functional.cross_entropy(logits[n - 1:], torch.tensor(r[n:]), reduction="none"))
+    assert torch.allclose(loss, torch.cat(want).mean(), atol=1e-5)
+    assert 0.0 <= acc <= 1.0

@@ -9,8 +9,9 @@ rerunning skips finished stages and resumes an interrupted one from its last sta
     lm              base LM: soft-token transcripts alone first, then with domain text and slot grids
     speech_encoder  conformer + word-level CTC head                          (independent of lm)
     vision_encoder  SigLIP + colour-slot classifier, fresh images each step  (independent of lm)
+    spoken_pool     spoken questions read by the trained speech encoder, for lm_anneal   (speech_encoder)
     lm_anneal       (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix, spoken questions
-                    read through the trained speech encoder (lm_anneal_spoken); the base is frozen  (lm, speech_encoder)
+                    from spoken_pool (lm_anneal_spoken); the base is frozen afterwards   (lm, spoken_pool)
     speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm_anneal, speech_encoder)
     vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm_anneal, vision_encoder)
     vision_speech   vision-speech projector, end to end on spoken image questions   (speech, vision)
@@ -30,13 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-# in launch order: with two workers, the LM chain (lm, then lm_anneal, which reads speech through the trained speech
-# encoder) runs beside the encoder chain (speech_encoder, then vision_encoder), and the two end together
-STAGES = ("lm", "speech_encoder", "vision_encoder", "lm_anneal", "speech", "vision", "vision_speech", "export", "eval")
+# in launch order: with two workers, the LM chain (lm, then lm_anneal) runs beside the encoder chain
+# (speech_encoder, spoken_pool for lm_anneal, then vision_encoder), and the two end together
+STAGES = ("lm", "speech_encoder", "spoken_pool", "vision_encoder", "lm_anneal", "speech", "vision", "vision_speech",
+          "export", "eval")
 DEPS = {
     "lm": (),
-    "lm_anneal": ("lm", "speech_encoder"),
+    "lm_anneal": ("lm", "spoken_pool"),
     "speech_encoder": (),
+    "spoken_pool": ("speech_encoder",),
     "vision_encoder": (),
     "speech": ("lm_anneal", "speech_encoder"),
     "vision": ("lm_anneal", "vision_encoder"),
@@ -55,10 +58,10 @@ def run_stage(name: str, run_dir: Path, export_dir: Path | None = None) -> None:
         from . import lm
 
         lm.run(run_dir, opts)
-    elif name == "lm_anneal":
+    elif name in ("lm_anneal", "spoken_pool"):
         from . import lm
 
-        lm.run_anneal(run_dir, opts)
+        (lm.run_anneal if name == "lm_anneal" else lm.run_pool)(run_dir, opts)
     elif name in ("speech_encoder", "speech"):
         from . import speech
 
@@ -83,6 +86,25 @@ def run_stage(name: str, run_dir: Path, export_dir: Path | None = None) -> None:
         raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
 
 
+def ancestors(name: str) -> set[str]:
+    out: set[str] = set()
+    todo = list(DEPS[name])
+    while todo:
+        d = todo.pop()
+        if d not in out:
+            out.add(d)
+            todo.extend(DEPS[d])
+    return out
+
+
+def threads_for(name: str, stages, workers: int) -> int:
+    """`workers` torch threads for a stage that can never run beside another of `stages` (those still to run: each
+    other one is before or after it in the dependency graph), else 1. Decided by the graph, not by timing, so a
+    stage trains with the same thread count, hence the same arithmetic, whenever the recipe runs from nothing."""
+    beside = [s for s in stages if s != name and s not in ancestors(name) and name not in ancestors(s)]
+    return 1 if beside else max(1, workers)
+
+
 def _done(run_dir: Path, name: str) -> bool:
     return (run_dir / name / "done.json").is_file()
 
@@ -91,8 +113,9 @@ def run_recipe(run_dir: Path, export_dir: Path, workers: int, stages=STAGES) -> 
     """Run the stages not yet finished, independent ones in parallel worker processes."""
     t0 = time.time()
     pending = [s for s in STAGES if s in stages and not _done(run_dir, s)]
+    to_run = tuple(pending)
     running: dict[str, subprocess.Popen] = {}
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ)
     while pending or running:
         for name, proc in list(running.items()):
             rc = proc.poll()
@@ -112,8 +135,10 @@ def run_recipe(run_dir: Path, export_dir: Path, workers: int, stages=STAGES) -> 
                 cmd = [sys.executable, "-m", "phimm.train", "--run", str(run_dir), "--export", str(export_dir),
                        "--stage", name]
                 err = open(run_dir / f"{name}.stderr.txt", "w")
-                print(f"[phimm train] start {name}", flush=True)
-                running[name] = subprocess.Popen(cmd, env=env, stderr=err)
+                n = threads_for(name, to_run, workers)
+                print(f"[phimm train] start {name}" + (f" ({n} threads)" if n > 1 else ""), flush=True)
+                running[name] = subprocess.Popen(cmd, env=dict(env, PHIMM_TRAIN_THREADS=str(n), OMP_NUM_THREADS=str(n),
+                                                               MKL_NUM_THREADS=str(n)), stderr=err)
         time.sleep(0.5)
     summary = {s: json.loads((run_dir / s / "done.json").read_text()).get("wall_s") for s in STAGES
                if _done(run_dir, s)}

@@ -93,6 +93,9 @@ class Options:
     cell_steps: int = 9500
     cell_batch: int = 32
     cell_lr: float = 1e-3
+    # each drawn training scene serves this many consecutive vision-encoder steps (a step draws
+    # ceil(cell_batch / cell_reuse) new ones): drawing and processing a scene costs about as much as training on it
+    cell_reuse: int = 1
     # > 0: the share of the vision encoder's training scenes drawn with a white shape on a light background (the
     # scene generator makes about 0.22 of them so): low contrast makes these the encoder's worst shapes
     cell_faint: float = 0.5
@@ -130,8 +133,11 @@ PRESETS: dict[str, dict] = {
 
 
 def setup_threads() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+    """One torch thread, or PHIMM_TRAIN_THREADS (the recipe gives a stage that never runs beside another all its
+    workers' cores)."""
+    n = max(1, int(os.environ.get("PHIMM_TRAIN_THREADS", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- the run folder and its stages
@@ -578,13 +584,13 @@ def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None,
     if embed_fn is not None:
         emb = embed_fn(ids, emb)
     out = (hf.model if body is None else body)(inputs_embeds=emb, attention_mask=mask, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]
-    logits = hf.lm_head(hidden) if table is None else nn.functional.linear(hidden, table)
     tgt = labels[:, 1:]
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    keep = tgt != -100
+    hidden = out.last_hidden_state[:, :-1][keep]  # the answer positions only: the rest have no loss
+    logits = hf.lm_head(hidden) if table is None else nn.functional.linear(hidden, table)
+    loss = nn.functional.cross_entropy(logits, tgt[keep])
     with torch.no_grad():
-        keep = tgt != -100
-        acc = (logits.argmax(-1)[keep] == tgt[keep]).float().mean().item()
+        acc = (logits.argmax(-1) == tgt[keep]).float().mean().item()
     return loss, acc
 
 

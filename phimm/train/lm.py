@@ -302,6 +302,39 @@ def spoken_pool(run_dir, opts: Options, seed: int, n: int,
     return out
 
 
+def run_pool(run_dir, opts: Options) -> None:
+    """Stage `spoken_pool`: `spoken_pool` of `lm_anneal_spoken` questions, saved as `{run}/spoken_pool/pool.pt` for
+    `lm_anneal`. Its own stage so that the recipe makes it beside the LM stage, once the speech encoder is done."""
+    stage = Stage(run_dir, "spoken_pool")
+    if stage.done:
+        return
+    n = opts.lm_anneal_spoken if opts.lm_anneal_steps > 0 else 0
+    if n > 0:
+        if not (Path(run_dir) / "speech_encoder" / "done.json").is_file():
+            raise RuntimeError(f"{run_dir}: lm_anneal_spoken={n} reads spoken questions through the trained speech "
+                               "encoder, and the speech_encoder stage has not finished: run it first, or set "
+                               "lm_anneal_spoken=0")
+        pool = spoken_pool(run_dir, opts, opts.seed + 55, n)
+        torch.save(pool, stage.dir / "pool.pt")
+        stage.log(event="end", clips=n, questions=len(pool))
+    else:
+        stage.log(event="skipped", reason="lm_anneal_spoken or lm_anneal_steps is 0")
+    stage.finish(clips=n)
+
+
+def load_pool(run_dir, opts: Options) -> dict | None:
+    """The `spoken_pool` stage's pool (None with lm_anneal_spoken=0); RuntimeError saying what to run if that
+    stage has not finished."""
+    if not opts.lm_anneal_spoken:
+        return None
+    path = Path(run_dir) / "spoken_pool" / "pool.pt"
+    if not ((Path(run_dir) / "spoken_pool" / "done.json").is_file() and path.is_file()):
+        raise RuntimeError(f"{run_dir}: lm_anneal_spoken={opts.lm_anneal_spoken} trains on spoken questions read "
+                           "through the trained speech encoder, and the spoken_pool stage has not finished: run it "
+                           "first (after speech_encoder), or set lm_anneal_spoken=0")
+    return torch.load(path, weights_only=True)
+
+
 @functools.lru_cache(maxsize=None)
 def word_frames(spec: str) -> tuple[int, int]:
     """"min-max" (1 <= min <= max) as a tuple; ValueError saying what is wrong otherwise."""
@@ -324,13 +357,9 @@ def run_anneal(run_dir, opts: Options) -> None:
         return
     weights(opts.lm_anneal_task_weights, TASKS)
     word_frames(opts.lm_anneal_word_frames)
-    if opts.lm_anneal_spoken and not (Path(run_dir) / "speech_encoder" / "done.json").is_file():
-        raise RuntimeError(f"{run_dir}: lm_anneal_spoken={opts.lm_anneal_spoken} reads spoken questions through the "
-                           "trained speech encoder, and the speech_encoder stage has not finished: run it first, or "
-                           "set lm_anneal_spoken=0")
+    spoken = load_pool(run_dir, opts)
     hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
     vocab = Vocab(proc.tokenizer, hf.config)
-    spoken = spoken_pool(run_dir, opts, opts.seed + 55, opts.lm_anneal_spoken) if opts.lm_anneal_spoken else None
     params = [p for n, p in hf.named_parameters() if n.startswith(("model.layers.", "model.norm."))]
     for p in params:
         p.requires_grad_(True)

@@ -1,7 +1,7 @@
 """Stages `vision_encoder` and `vision`.
 
 vision_encoder: SigLIP (transformers' `Phi4MultimodalVisionModel`, the tiny config's vision part), trained from
-scratch on scenes drawn afresh every step, with a classifier on the pooled 2x2-patch cell features that
+scratch on scenes drawn afresh as it goes (each serves `cell_reuse` consecutive steps), with a classifier on the pooled 2x2-patch cell features that
 `Phi4MultimodalImageEmbedding.get_img_features` produces. Its targets are colour slots (`slot_grid`): the first
 cells of the grid stand for the colours and hold the class of that colour's shape, or the background. A second
 head gives dense supervision: the shape class under each patch, on a middle layer.
@@ -105,7 +105,8 @@ def cell_features(ie, hidden: torch.Tensor) -> torch.Tensor:
 
 def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
     """`n` newly drawn scenes (a third of them on non-square canvases), rendered and processed as at inference:
-    the encoder never sees an image twice, so it learns the shapes, not the training set."""
+    the encoder sees each scene for `cell_reuse` steps at most (`reused_batch`), so it learns the shapes, not the
+    training set."""
     from ..toy.images import render_scene
 
     px, mask, labels, local = [], [], [], []
@@ -119,6 +120,21 @@ def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
         labels.append(sum(slot_grid(scene, g["f"]), []))
         local.append(patch_labels(scene, opts.crop, opts.patch))
     return torch.stack(px), torch.stack(mask).bool(), torch.tensor(labels), torch.tensor(local)
+
+
+def reused_batch(proc, opts: Options, step: int, cache: dict):
+    """Step `step`'s vision-encoder batch: the `fresh_batch`es of steps step - cell_reuse + 1 .. step, each
+    ceil(cell_batch / cell_reuse) scenes, so every scene serves `cell_reuse` consecutive steps. `cache` keeps the
+    recent ones between calls; a resumed run redraws them (each draw is seeded by its step alone)."""
+    k = max(1, opts.cell_reuse)
+    per = -(-opts.cell_batch // k)
+    for s in [s for s in cache if s <= step - k]:
+        del cache[s]
+    for s in range(step - k + 1, step + 1):
+        if s not in cache:
+            cache[s] = fresh_batch(proc, opts, random.Random(f"slots:{opts.seed}:{s}"), per)
+    parts = [cache[s] for s in range(step - k + 1, step + 1)]
+    return tuple(torch.cat(t) for t in zip(*parts))
 
 
 def slot_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -158,10 +174,10 @@ def run_encoder(run_dir, opts: Options) -> None:
             px, mask, labels = crop_batch(dev)
             return slot_scores(head(ie.get_img_features(px, mask)), labels)
 
+    drawn: dict = {}
     for step in loop(stage, opts.cell_steps, start, "slots"):
         set_lr(opt, cosine_lr(step, opts.cell_steps, opts.cell_lr, warmup=min(200, opts.cell_steps // 10)))
-        px, mask, labels, local = fresh_batch(proc, opts, random.Random(f"slots:{opts.seed}:{step}"),
-                                              opts.cell_batch)
+        px, mask, labels, local = reused_batch(proc, opts, step, drawn)
         states = siglip(px, patch_attention_mask=mask, output_hidden_states=True).hidden_states
         logits = head(cell_features(ie, states[-1]))
         local_logits = local_head(states[mid])
