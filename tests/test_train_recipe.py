@@ -385,6 +385,7 @@ def test_stage_threads_follow_the_dependency_graph():
 
     got = {s: threads_for(s, STAGES, 2) for s in STAGES}
     assert got == {**{s: 1 for s in STAGES}, "vision_speech": 2, "export": 2, "eval": 2}
+    assert threads_for("vision_speech_data", STAGES, 2) == 1  # beside anything
     assert threads_for("spoken_pool", STAGES, 2) == 1  # beside the LM stage
     assert threads_for("lm", ("lm",), 2) == 2  # `--stages lm`
     assert threads_for("lm_anneal", ("lm_anneal", "speech", "vision"), 2) == 2  # the encoders are done
@@ -412,3 +413,32 @@ def test_lm_loss_reads_the_answer_tokens_only():
         want.append(torch.nn.functional.cross_entropy(logits[n - 1:], torch.tensor(r[n:]), reduction="none"))
     assert torch.allclose(loss, torch.cat(want).mean(), atol=1e-5)
     assert 0.0 <= acc <= 1.0
+
+
+def test_vision_speech_reads_the_audio_made_ahead(run):
+    """`vision_speech_data` synthesises the vision-speech stage's spoken questions ahead, as `make_images` would
+    have (same features, same token counts), and that stage used them; a spoken_vqa sample without audio has every
+    other field of the one with it."""
+    from phimm.toy import data as toy_data
+    from phimm.train.common import Options, load_base
+    from phimm.train.vision import make_images
+    from phimm.train.vision_speech import load_audio
+
+    opts = Options.load(run / "options.json")
+    assert any(r.get("audio") == "vision_speech_data" for r in _log(run, "vision_speech") if r.get("event") == "data")
+    made = load_audio(run, opts)
+    assert len(made) == opts.svqa_samples
+    _, proc = load_base(run)
+    fresh = make_images(proc, opts, "spoken_vqa", 3, opts.seed, keep_audio=True)
+    reused = make_images(proc, opts, "spoken_vqa", 3, opts.seed, keep_audio=True, audio=made)
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a["audio"].features, b["audio"].features) and a["audio"].num_tokens == b["audio"].num_tokens
+        assert torch.equal(a["image"].pixel_values, b["image"].pixel_values) and a["answer"] == b["answer"]
+    with_audio = toy_data.sample("spoken_vqa", 5, 11)
+    without = toy_data.sample("spoken_vqa", 5, 11, audio=False)
+    assert "audio" not in without and with_audio["audio"].size > 0
+    assert {k: v for k, v in with_audio.items() if k in without and k != "image"} == \
+        {k: v for k, v in without.items() if k != "image"}
+    assert with_audio["image"].tobytes() == without["image"].tobytes()
+    with pytest.raises(ValueError, match="processed clips"):
+        make_images(proc, opts, "spoken_vqa", 4, opts.seed, keep_audio=True, audio=made[:2])

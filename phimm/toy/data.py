@@ -108,8 +108,10 @@ def _vqa_sample(rng: random.Random, base: str, i: int) -> dict:
             "question_type": q.qtype}
 
 
-def sample(kind: str, i: int, seed: int, heldout: bool = False, sample_rate: int | None = None) -> dict:
-    """Sample `i` of a split. Audio is at `sample_rate`, or at a random one of FILE_SAMPLE_RATES if None."""
+def sample(kind: str, i: int, seed: int, heldout: bool = False, sample_rate: int | None = None,
+           audio: bool = True) -> dict:
+    """Sample `i` of a split. Audio is at `sample_rate`, or at a random one of FILE_SAMPLE_RATES if None.
+    `audio=False`: a spoken_vqa sample without its (slow to synthesise) audio; every other field is the same."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     split = "heldout" if heldout else "train"
@@ -124,7 +126,8 @@ def sample(kind: str, i: int, seed: int, heldout: bool = False, sample_rate: int
         out.update(_vqa_sample(rng, base, i))
     elif kind == "spoken_vqa":
         out.update(_vqa_sample(rng, base, i))
-        out.update(speak(rng, out["question"], heldout, sample_rate, question=True))
+        if audio:  # the last draws of the sample: leaving them out changes nothing else
+            out.update(speak(rng, out["question"], heldout, sample_rate, question=True))
     else:
         prompt, answer, task = domain.text_example(rng, TEXT_TASKS[i % len(TEXT_TASKS)])
         out.update(prompt=prompt, answer=answer, task=task)
@@ -132,10 +135,10 @@ def sample(kind: str, i: int, seed: int, heldout: bool = False, sample_rate: int
 
 
 def iter_split(kind: str, n: int, seed: int, heldout: bool = False, sample_rate: int | None = None,
-               start: int = 0) -> Iterator[dict]:
+               start: int = 0, audio: bool = True) -> Iterator[dict]:
     """Samples `start` .. `start + n - 1` of a split, one at a time (no media kept in memory)."""
     for i in range(start, start + n):
-        yield sample(kind, i, seed, heldout, sample_rate)
+        yield sample(kind, i, seed, heldout, sample_rate, audio)
 
 
 def manifest_record(s: dict) -> dict:

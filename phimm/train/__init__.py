@@ -6,19 +6,22 @@
 Stages (each in `{run}/{stage}/`: `log.jsonl` of losses, `state.pt` while running, `done.json` when finished;
 rerunning skips finished stages and resumes an interrupted one from its last state):
 
-    lm              base LM: soft-token transcripts alone first, then with domain text and slot grids
-    speech_encoder  conformer + word-level CTC head                          (independent of lm)
-    vision_encoder  SigLIP + colour-slot classifier, fresh images each step  (independent of lm)
-    spoken_pool     spoken questions read by the trained speech encoder, for lm_anneal   (speech_encoder)
-    lm_anneal       (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix, spoken questions
-                    from spoken_pool (lm_anneal_spoken); the base is frozen afterwards   (lm, spoken_pool)
-    speech          speech projector (MSE to soft tokens) + speech LoRA end to end    (lm_anneal, speech_encoder)
-    vision          vision projector (MSE to soft tokens) + vision LoRA end to end    (lm_anneal, vision_encoder)
-    vision_speech   vision-speech projector, end to end on spoken image questions   (speech, vision)
-    export          phimm's checkpoint layout (`phimm.load(dir)`)
-    eval            held-out scores through `phimm.load` -> `{run}/scores.json`
+    lm                  base LM: soft-token transcripts alone first, then with domain text and slot grids
+    speech_encoder      conformer + word-level CTC head                                    (independent)
+    spoken_pool         spoken questions read by the trained speech encoder, for lm_anneal (speech_encoder)
+    vision_encoder      SigLIP + colour-slot classifier on freshly drawn scenes            (independent)
+    lm_anneal           (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix, spoken
+                        questions from spoken_pool; the base is frozen afterwards          (lm, spoken_pool)
+    speech              speech projector (MSE to soft tokens) + speech LoRA end to end     (lm_anneal, speech_encoder)
+    vision              vision projector (MSE to soft tokens) + vision LoRA end to end     (lm_anneal, vision_encoder)
+    vision_speech_data  vision_speech's spoken questions, synthesised ahead                (independent)
+    vision_speech       vision-speech projector, end to end on spoken image questions      (speech, vision,
+                                                                                            vision_speech_data)
+    export              phimm's checkpoint layout (`phimm.load(dir)`)
+    eval                held-out scores through `phimm.load` -> `{run}/scores.json`
 
-Independent stages run as parallel processes (`--workers`, one torch thread each).
+Independent stages run as parallel processes (`--workers`, one torch thread each; a stage that never runs beside
+another gets every worker's thread).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from pathlib import Path
 
 # in launch order: with two workers, the LM chain (lm, then lm_anneal) runs beside the encoder chain
 # (speech_encoder, spoken_pool for lm_anneal, then vision_encoder), and the two end together
-STAGES = ("lm", "speech_encoder", "spoken_pool", "vision_encoder", "lm_anneal", "speech", "vision", "vision_speech",
-          "export", "eval")
+STAGES = ("lm", "speech_encoder", "spoken_pool", "vision_encoder", "lm_anneal", "speech", "vision",
+          "vision_speech_data", "vision_speech", "export", "eval")
 DEPS = {
     "lm": (),
     "lm_anneal": ("lm", "spoken_pool"),
@@ -43,7 +46,8 @@ DEPS = {
     "vision_encoder": (),
     "speech": ("lm_anneal", "speech_encoder"),
     "vision": ("lm_anneal", "vision_encoder"),
-    "vision_speech": ("speech", "vision"),
+    "vision_speech_data": (),
+    "vision_speech": ("speech", "vision", "vision_speech_data"),
     "export": ("vision_speech",),
     "eval": ("export",),
 }
@@ -70,10 +74,10 @@ def run_stage(name: str, run_dir: Path, export_dir: Path | None = None) -> None:
         from . import vision
 
         (vision.run_encoder if name == "vision_encoder" else vision.run_adapt)(run_dir, opts)
-    elif name == "vision_speech":
+    elif name in ("vision_speech", "vision_speech_data"):
         from . import vision_speech
 
-        vision_speech.run(run_dir, opts)
+        (vision_speech.run if name == "vision_speech" else vision_speech.run_data)(run_dir, opts)
     elif name == "export":
         from . import export
 

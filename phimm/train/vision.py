@@ -32,16 +32,20 @@ from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, app
 
 
 def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool = False, desc: str = "images",
-                keep_audio: bool = False):
+                keep_audio: bool = False, audio: list | None = None):
     """[dict(image=ImageInput, grid, uh, uw, question, answer[, audio])] of toy-domain VQA samples; 40 % of the
-    training scenes are moved onto non-square canvases."""
+    training scenes are moved onto non-square canvases. `audio`: the samples' processed audio, made beforehand
+    (`spoken_audio`): kept instead of synthesising it again."""
     from tqdm import tqdm
 
     from ..toy.images import render_scene
 
+    if audio is not None and len(audio) < n:
+        raise ValueError(f"{len(audio)} processed clips for {n} samples")
     out = []
-    for s in tqdm(toy_data.iter_split(kind, n, seed, heldout=heldout), total=n, desc=desc, mininterval=10,
-                  disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1"):
+    samples = toy_data.iter_split(kind, n, seed, heldout=heldout, audio=keep_audio and audio is None)
+    for j, s in enumerate(tqdm(samples, total=n, desc=desc, mininterval=10,
+                               disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1")):
         scene, img = s["scene"], s["image"]
         rng = random.Random(f"widen:{s['id']}")
         if not heldout and rng.random() < 0.4:
@@ -52,9 +56,19 @@ def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool
         rec = dict(image=ii, grid=slot_grid(scene, g["f"]), uh=g["uh"], uw=g["uw"],
                    question=s["question"], answer=s["answer"], question_type=s["question_type"])
         if keep_audio:
-            rec["audio"] = proc.process_audio((s["audio"], s["sample_rate"]))
+            rec["audio"] = audio[j] if audio is not None else proc.process_audio((s["audio"], s["sample_rate"]))
         out.append(rec)
     return out
+
+
+def spoken_audio(proc, n: int, seed: int, desc: str = "audio") -> list:
+    """The processed audio (`AudioInput`) of spoken_vqa samples 0 .. n-1 of the training split `seed`."""
+    from tqdm import tqdm
+
+    samples = toy_data.iter_split("spoken_vqa", n, seed)
+    return [proc.process_audio((s["audio"], s["sample_rate"]))
+            for s in tqdm(samples, total=n, desc=desc, mininterval=10,
+                          disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1")]
 
 
 def crop_batch(items):

@@ -10,6 +10,7 @@ then replaces the vision stage's for export).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +18,38 @@ from torch import nn
 from ..toy import domain
 from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, apply_parts, cosine_lr, lm_batch_loss,
                      load_base, load_lora_state, lora_state, loop, remove_train_lora, save_parts)
-from .vision import cache_features, image_embeds, make_images, vqa_loss
+from .vision import cache_features, image_embeds, make_images, spoken_audio, vqa_loss
+
+
+def run_data(run_dir, opts: Options) -> None:
+    """Stage `vision_speech_data`: the spoken questions of `vision_speech` synthesised and processed ahead, in
+    `{run}/vision_speech_data/audio.pt`: with nothing trained to wait for, the recipe makes them beside other
+    stages."""
+    from .common import build_config, build_processor, build_tokenizer
+
+    stage = Stage(run_dir, "vision_speech_data")
+    if stage.done:
+        return
+    tok = build_tokenizer(opts)
+    proc = build_processor(tok, build_config(tok, opts), opts)
+    clips = spoken_audio(proc, opts.svqa_samples, opts.seed, desc="vision_speech_data")
+    torch.save({"features": [c.features for c in clips], "num_tokens": [c.num_tokens for c in clips],
+                "seconds": [c.seconds for c in clips]}, stage.dir / "audio.pt")
+    stage.log(event="end", clips=len(clips))
+    stage.finish(clips=len(clips))
+
+
+def load_audio(run_dir, opts: Options) -> list | None:
+    """`vision_speech_data`'s clips, or None where that stage has not run (`vision_speech` makes them itself)."""
+    from ..model import AudioInput
+
+    path = Path(run_dir) / "vision_speech_data" / "audio.pt"
+    if not ((Path(run_dir) / "vision_speech_data" / "done.json").is_file() and path.is_file()):
+        return None
+    d = torch.load(path, weights_only=True)
+    if len(d["features"]) < opts.svqa_samples:
+        return None
+    return [AudioInput(f, n, sec) for f, n, sec in zip(d["features"], d["num_tokens"], d["seconds"])]
 
 
 def run(run_dir, opts: Options) -> None:
@@ -30,8 +62,10 @@ def run(run_dir, opts: Options) -> None:
     vocab = Vocab(proc.tokenizer, hf.config)
     ie = hf.model.embed_tokens_extend.image_embed
     ae = hf.model.embed_tokens_extend.audio_embed
+    made = load_audio(run_dir, opts)
+    stage.log(event="data", audio="vision_speech_data" if made is not None else "synthesised here")
     items = make_images(proc, opts, "spoken_vqa", opts.svqa_samples, opts.seed, desc="vision_speech:data",
-                        keep_audio=True)
+                        keep_audio=True, audio=made)
     cache_features(ie, items)
     with torch.no_grad():
         for it in items:
