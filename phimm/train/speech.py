@@ -226,11 +226,9 @@ def run_adapt(run_dir, opts: Options) -> None:
     def batch_loss(idx):
         feats = [encoded[i][0] for i in idx]
 
-        def embed_fn(ids, emb):
+        def embed_fn(ids, emb):  # every row's audio tokens through the projector at once, in row order
             emb = emb.clone()
-            for j, h in enumerate(feats):
-                pos = (ids[j] == vocab.audio).nonzero()[:, 0]
-                emb[j, pos] = down(nn.functional.gelu(up(h)))
+            emb[ids == vocab.audio] = down(nn.functional.gelu(up(torch.cat(feats))))
             return emb
 
         return lm_batch_loss(hf, [rows[i] for i in idx], [n_prompt[i] for i in idx], embed_fn)

@@ -300,11 +300,9 @@ def vqa_loss(hf, ie, items, vocab: Vocab):
         rows.append(p + vocab.answer(it["answer"]))
         n_prompt.append(len(p))
 
-    def embed_fn(ids, emb):
+    def embed_fn(ids, emb):  # every row's image tokens in one call, in row order
         emb = emb.clone()
-        for j, it in enumerate(items):
-            pos = (ids[j] == vocab.image).nonzero()[:, 0]
-            emb[j, pos] = image_embeds(ie, [it], emb.shape[-1], vocab.image)
+        emb[ids == vocab.image] = image_embeds(ie, items, emb.shape[-1], vocab.image)
         return emb
 
     return lm_batch_loss(hf, rows, n_prompt, embed_fn)

@@ -102,11 +102,10 @@ def run(run_dir, opts: Options) -> None:
             rows.append(p + vocab.answer(it["answer"]))
             n_prompt.append(len(p))
 
-        def embed_fn(ids, emb):
+        def embed_fn(ids, emb):  # the rows' image / audio tokens at once, in row order
             emb = emb.clone()
-            for j, it in enumerate(batch):
-                emb[j, ids[j] == vocab.image] = it["img_emb"]
-                emb[j, ids[j] == vocab.audio] = down(nn.functional.gelu(up(it["enc"])))
+            emb[ids == vocab.image] = torch.cat([it["img_emb"] for it in batch])
+            emb[ids == vocab.audio] = down(nn.functional.gelu(up(torch.cat([it["enc"] for it in batch]))))
             return emb
 
         return lm_batch_loss(hf, rows, n_prompt, embed_fn)
