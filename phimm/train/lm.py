@@ -304,7 +304,7 @@ def spoken_pool(run_dir, opts: Options, seed: int, n: int,
 
 def run_pool(run_dir, opts: Options) -> None:
     """Stage `spoken_pool`: `spoken_pool` of `lm_anneal_spoken` questions, saved as `{run}/spoken_pool/pool.pt` for
-    `lm_anneal`. Its own stage so that the recipe makes it beside the LM stage, once the speech encoder is done."""
+    `lm_anneal`. Its own stage so that the recipe can make it in whichever worker is free first."""
     stage = Stage(run_dir, "spoken_pool")
     if stage.done:
         return
