@@ -8,8 +8,8 @@ rerunning skips finished stages and resumes an interrupted one from its last sta
 
     lm                  base LM: soft-token transcripts alone first, then with domain text and slot grids
     speech_encoder      conformer + word-level CTC head                                    (independent)
-    vision_encoder      SigLIP + colour-slot classifier on freshly drawn scenes            (independent)
     spoken_pool         spoken questions read by the trained speech encoder, for lm_anneal (speech_encoder)
+    vision_encoder      SigLIP + colour-slot classifier on freshly drawn scenes            (independent)
     lm_anneal           (lm_anneal_steps > 0) the decoder alone, more steps on its own task mix, spoken
                         questions from spoken_pool; the base is frozen afterwards          (lm, spoken_pool)
     speech              speech projector (MSE to soft tokens) + speech LoRA end to end     (lm_anneal, speech_encoder)
@@ -34,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-# in launch order: with two workers, the LM chain (lm, spoken_pool, lm_anneal, speech, vision_speech_data) runs
-# beside the encoder chain (speech_encoder, then vision_encoder, the longest stage after lm)
-STAGES = ("lm", "speech_encoder", "vision_encoder", "spoken_pool", "lm_anneal", "speech", "vision",
+# in launch order: with two workers, the LM chain (lm, then lm_anneal) runs beside the encoder chain
+# (speech_encoder, spoken_pool for lm_anneal, then vision_encoder), and the two end about together
+STAGES = ("lm", "speech_encoder", "spoken_pool", "vision_encoder", "lm_anneal", "speech", "vision",
           "vision_speech_data", "vision_speech", "export", "eval")
 DEPS = {
     "lm": (),
