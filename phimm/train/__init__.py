@@ -53,41 +53,31 @@ DEPS = {
 }
 
 
+# stage -> (module of phimm.train, its function); export and eval also take the export folder
+RUNNERS = {
+    "lm": ("lm", "run"), "lm_anneal": ("lm", "run_anneal"), "spoken_pool": ("lm", "run_pool"),
+    "speech_encoder": ("speech", "run_encoder"), "speech": ("speech", "run_adapt"),
+    "vision_encoder": ("vision", "run_encoder"), "vision": ("vision", "run_adapt"),
+    "vision_speech_data": ("vision_speech", "run_data"), "vision_speech": ("vision_speech", "run"),
+    "export": ("export", "run"), "eval": ("evaluate", "run"),
+}
+
+
 def run_stage(name: str, run_dir: Path, export_dir: Path | None = None) -> None:
+    import importlib
+
     from .common import Options, setup_threads
 
+    if name not in RUNNERS:
+        raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
     setup_threads()
     opts = Options.load(run_dir / "options.json")
-    if name == "lm":
-        from . import lm
-
-        lm.run(run_dir, opts)
-    elif name in ("lm_anneal", "spoken_pool"):
-        from . import lm
-
-        (lm.run_anneal if name == "lm_anneal" else lm.run_pool)(run_dir, opts)
-    elif name in ("speech_encoder", "speech"):
-        from . import speech
-
-        (speech.run_encoder if name == "speech_encoder" else speech.run_adapt)(run_dir, opts)
-    elif name in ("vision_encoder", "vision"):
-        from . import vision
-
-        (vision.run_encoder if name == "vision_encoder" else vision.run_adapt)(run_dir, opts)
-    elif name in ("vision_speech", "vision_speech_data"):
-        from . import vision_speech
-
-        (vision_speech.run if name == "vision_speech" else vision_speech.run_data)(run_dir, opts)
-    elif name == "export":
-        from . import export
-
-        export.run(run_dir, opts, export_dir)
-    elif name == "eval":
-        from . import evaluate
-
-        evaluate.run(run_dir, opts, export_dir)
+    module, func = RUNNERS[name]
+    fn = getattr(importlib.import_module(f"{__name__}.{module}"), func)
+    if name in ("export", "eval"):
+        fn(run_dir, opts, export_dir)
     else:
-        raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        fn(run_dir, opts)
 
 
 def ancestors(name: str) -> set[str]:
@@ -119,7 +109,6 @@ def run_recipe(run_dir: Path, export_dir: Path, workers: int, stages=STAGES) -> 
     pending = [s for s in STAGES if s in stages and not _done(run_dir, s)]
     to_run = tuple(pending)
     running: dict[str, subprocess.Popen] = {}
-    env = dict(os.environ)
     while pending or running:
         for name, proc in list(running.items()):
             rc = proc.poll()
@@ -141,7 +130,7 @@ def run_recipe(run_dir: Path, export_dir: Path, workers: int, stages=STAGES) -> 
                 err = open(run_dir / f"{name}.stderr.txt", "w")
                 n = threads_for(name, to_run, workers)
                 print(f"[phimm train] start {name}" + (f" ({n} threads)" if n > 1 else ""), flush=True)
-                running[name] = subprocess.Popen(cmd, env=dict(env, PHIMM_TRAIN_THREADS=str(n), OMP_NUM_THREADS=str(n),
+                running[name] = subprocess.Popen(cmd, env=dict(os.environ, PHIMM_TRAIN_THREADS=str(n), OMP_NUM_THREADS=str(n),
                                                                MKL_NUM_THREADS=str(n)), stderr=err)
         time.sleep(0.5)
     summary = {s: json.loads((run_dir / s / "done.json").read_text()).get("wall_s") for s in STAGES

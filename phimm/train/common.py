@@ -301,6 +301,12 @@ def bidirectional_vision(hf):
     return hf
 
 
+def stage_file(run_dir: Path, stage: str, name: str) -> Path | None:
+    """`{run}/{stage}/{name}` once that stage has finished and written it, else None."""
+    path = Path(run_dir) / stage / name
+    return path if (Path(run_dir) / stage / "done.json").is_file() and path.is_file() else None
+
+
 def base_dir(run_dir: Path) -> Path:
     """Where the frozen base LM of a run is: `{run}/lm_anneal/base` once that stage has finished with one, else
     `{run}/lm/base`."""

@@ -20,7 +20,7 @@ import torch
 from ..toy import domain
 from .common import (Options, bidirectional_vision, Stage, Timer, Vocab, build_config, build_processor, build_tokenizer,
                      cosine_lr, grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, noisy_frames,
-                     random_layout_scene, set_lr, slot_grid)
+                     random_layout_scene, set_lr, slot_grid, stage_file)
 
 TASKS = ("asr", "vqa", "svqa", "text")
 
@@ -327,8 +327,8 @@ def load_pool(run_dir, opts: Options) -> dict | None:
     stage has not finished."""
     if not opts.lm_anneal_spoken:
         return None
-    path = Path(run_dir) / "spoken_pool" / "pool.pt"
-    if not ((Path(run_dir) / "spoken_pool" / "done.json").is_file() and path.is_file()):
+    path = stage_file(run_dir, "spoken_pool", "pool.pt")
+    if path is None:
         raise RuntimeError(f"{run_dir}: lm_anneal_spoken={opts.lm_anneal_spoken} trains on spoken questions read "
                            "through the trained speech encoder, and the spoken_pool stage has not finished: run it "
                            "first (after speech_encoder), or set lm_anneal_spoken=0")

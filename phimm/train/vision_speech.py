@@ -10,14 +10,13 @@ then replaces the vision stage's for export).
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..toy import domain
 from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, apply_parts, cosine_lr, lm_batch_loss,
-                     load_base, load_lora_state, lora_state, loop, remove_train_lora, save_parts)
+                     load_base, load_lora_state, lora_state, loop, remove_train_lora, save_parts, stage_file)
 from .vision import cache_features, image_embeds, make_images, spoken_audio, vqa_loss
 
 
@@ -43,8 +42,8 @@ def load_audio(run_dir, opts: Options) -> list | None:
     """`vision_speech_data`'s clips, or None where that stage has not run (`vision_speech` makes them itself)."""
     from ..model import AudioInput
 
-    path = Path(run_dir) / "vision_speech_data" / "audio.pt"
-    if not ((Path(run_dir) / "vision_speech_data" / "done.json").is_file() and path.is_file()):
+    path = stage_file(run_dir, "vision_speech_data", "audio.pt")
+    if path is None:
         return None
     d = torch.load(path, weights_only=True)
     if len(d["features"]) < opts.svqa_samples:
