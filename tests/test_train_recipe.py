@@ -415,6 +415,56 @@ def test_lm_loss_reads_the_answer_tokens_only():
     assert 0.0 <= acc <= 1.0
 
 
+def test_lm_batch_in_length_parts_has_the_same_loss():
+    """`run_loss` with `chunks` runs a batch as parts of rows of similar length (less padding): the same mean over
+    the answer tokens and the same accuracy as the whole batch, and the same gradients, up to float rounding."""
+    import random
+
+    from transformers import Phi4MultimodalForCausalLM
+
+    from phimm.train import lm
+    from phimm.train.common import Options, Vocab, build_config, build_tokenizer
+
+    parts = lm.length_parts([5, 9, 2, 7, 7, 3, 8], 3)
+    assert sorted(sum(parts, [])) == list(range(7)) and [len(p) for p in parts] == [2, 3, 2]
+    assert [[5, 9, 2, 7, 7, 3, 8][i] for p in parts for i in p] == [2, 3, 5, 7, 7, 8, 9]
+    assert lm.length_parts([4, 1, 3], 1) == [[0, 1, 2]]  # one part: the batch in its own order
+    opts = Options(lm_hidden=32, lm_layers=1, lm_intermediate=64)
+    tok = build_tokenizer(opts)
+    cfg = build_config(tok, opts)
+    vocab = Vocab(tok, cfg)
+    torch.manual_seed(0)
+    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    rng = random.Random(3)
+    examples = [lm.make_example(rng, task, vocab, opts) for task in ("asr", "text", "svqa", "asr", "vqa", "text")]
+    assert len({len(e[0]) for e in examples}) > 3  # rows of many lengths: the parts differ from the batch
+    got = {}
+    for chunks in (1, 2, 4):
+        hf.zero_grad()
+        loss, acc = lm.run_loss(hf, examples, vocab, chunks=chunks)
+        loss.backward()
+        got[chunks] = (loss.item(), acc, hf.model.layers[0].mlp.down_proj.weight.grad.clone())
+    for chunks in (2, 4):
+        assert got[chunks][0] == pytest.approx(got[1][0], rel=1e-5) and got[chunks][1] == got[1][1]
+        assert torch.allclose(got[chunks][2], got[1][2], atol=1e-6, rtol=1e-4)
+    assert got[1][2].abs().sum() > 0
+
+
+def test_tokenizer_prompts_make_the_instructions_whole_words():
+    """`tokenizer_prompts` puts the domain's instructions in the tokenizer's corpus: they take fewer tokens, every
+    domain word stays one token (`build_tokenizer` checks), and the model's vocabulary keeps its size."""
+    from phimm.toy import domain
+    from phimm.train.common import Options, build_config, build_tokenizer
+
+    lengths = {}
+    for kw in (dict(tokenizer_prompts=0, vocab=448), {}):
+        opts = Options(**kw)
+        tok = build_tokenizer(opts)
+        lengths[not kw] = [len(tok(s)["input_ids"]) for s in (domain.ASR_INSTRUCTION, domain.SPOKEN_VQA_INSTRUCTION)]
+        assert build_config(tok, opts).vocab_size == 512
+    assert lengths[True][0] <= lengths[False][0] - 4 and lengths[True][1] <= lengths[False][1] - 6
+
+
 def test_vision_speech_reads_the_audio_made_ahead(run):
     """`vision_speech_data` synthesises the vision-speech stage's spoken questions ahead, as `make_images` would
     have (same features, same token counts), and that stage used them; a spoken_vqa sample without audio has every

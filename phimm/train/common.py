@@ -45,7 +45,11 @@ class Options:
     lm_heads: int = 4
     lm_kv_heads: int = 2
     lm_intermediate: int = 384
-    vocab: int = 448
+    vocab: int = 464
+    # each of the domain's two instructions this many times in the tokenizer's corpus, so that they become a few
+    # whole-word tokens (0: not added; then "Transcribe the audio clip into text." is 12 tokens, else 7); with it
+    # the vocabulary needs more room (vocab=464)
+    tokenizer_prompts: int = 300
     vision_hidden: int = 96
     vision_layers: int = 4
     audio_hidden: int = 96
@@ -72,6 +76,9 @@ class Options:
     lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
     lm_first: str = "asr:1000"  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
     lm_mixed_batches: bool = False  # one task per example instead of per batch
+    # the LM stages run a batch as this many parts of rows of similar length (less padding; the loss is the
+    # batch's mean over its answer tokens all the same)
+    lm_chunks: int = 2
     # stage `lm_anneal`: after the LM stage, the decoder alone (embeddings frozen) trains `lm_anneal_steps` more
     # steps from a fresh optimiser at a lower peak rate, on its own task mix (0 steps: the stage does nothing)
     lm_anneal_steps: int = 1500
@@ -90,8 +97,8 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 9500
-    cell_batch: int = 32
+    cell_steps: int = 16000
+    cell_batch: int = 16
     cell_lr: float = 1e-3
     # each drawn training scene serves this many consecutive vision-encoder steps (a step draws
     # ceil(cell_batch / cell_reuse) new ones): drawing and processing a scene costs about as much as training on it
@@ -226,7 +233,8 @@ def loop(stage: Stage, steps: int, start: int, desc: str):
 # ---------------------------------------------------------------- tokenizer, config, base model
 
 
-def tokenizer_corpus(seed: int, n: int = 12000) -> list[str]:
+def tokenizer_corpus(seed: int, n: int = 12000, prompts: int = 0) -> list[str]:
+    """Toy-domain text to train the BPE tokenizer on; `prompts`: each instruction of the domain that many times."""
     rng = random.Random(f"phimm-train:tokenizer:{seed}")
     lines = domain.corpus(rng, n)
     # every domain word alone and after a space, often enough to be merged into one token
@@ -235,13 +243,14 @@ def tokenizer_corpus(seed: int, n: int = 12000) -> list[str]:
         rng.shuffle(words)
         lines.append(" ".join(words))
         lines.extend(words)
+    lines.extend([domain.ASR_INSTRUCTION, domain.SPOKEN_VQA_INSTRUCTION] * prompts)
     return lines
 
 
 def build_tokenizer(opts: Options):
     from ..tokenizer import build_tokenizer as bpe
 
-    tok = bpe(tokenizer_corpus(opts.seed), vocab_size=opts.vocab)
+    tok = bpe(tokenizer_corpus(opts.seed, prompts=opts.tokenizer_prompts), vocab_size=opts.vocab)
     tok.add_tokens(list(PLAIN_TOKENS), special_tokens=False)
     for w in WORDS:
         for form in (w, " " + w):
@@ -572,8 +581,9 @@ class Example:
 
 
 def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None, table: torch.Tensor | None = None,
-                  body=None):
-    """(cross-entropy, token accuracy) over the answer tokens of right-padded rows.
+                  body=None, sums: bool = False):
+    """(cross-entropy, token accuracy) over the answer tokens of right-padded rows; with `sums`, (summed
+    cross-entropy, right answer tokens, answer tokens), to add up over the parts of a batch.
     `embed_fn(ids [B,T], emb [B,T,D]) -> emb` puts media embeddings in. `table`: the (tied) embedding matrix to
     use instead of the model's own (the LM stage's parametrised one). `body`: what runs `hf.model` (a compiled
     version of it, sharing its parameters)."""
@@ -594,6 +604,10 @@ def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None,
     keep = tgt != -100
     hidden = out.last_hidden_state[:, :-1][keep]  # the answer positions only: the rest have no loss
     logits = hf.lm_head(hidden) if table is None else nn.functional.linear(hidden, table)
+    if sums:
+        with torch.no_grad():
+            right = int((logits.argmax(-1) == tgt[keep]).sum())
+        return nn.functional.cross_entropy(logits, tgt[keep], reduction="sum"), right, int(keep.sum())
     loss = nn.functional.cross_entropy(logits, tgt[keep])
     with torch.no_grad():
         acc = (logits.argmax(-1) == tgt[keep]).float().mean().item()

@@ -168,25 +168,43 @@ def compound_table(hf, vocab: Vocab) -> torch.Tensor:
     return w.index_add(0, torch.tensor(idx), w[torch.tensor(parts)])
 
 
-def run_loss(hf, examples, vocab: Vocab, body=None, compound: bool = True):
-    """Loss of `make_example` examples. `compound`: cell tokens through `compound_table` (the LM stage); False:
-    the embeddings as they are (a base whose parametrisation is baked in)."""
-    rows = [e[0] for e in examples]
-    n_prompt = [e[1] for e in examples]
-    table = compound_table(hf, vocab) if compound else hf.model.embed_tokens.weight
+def length_parts(lengths: list[int], parts: int) -> list[list[int]]:
+    """The indices of `lengths`, sorted by length, cut into `parts` runs of (nearly) equal size: each part is
+    padded only to its own longest row."""
+    if parts <= 1:
+        return [list(range(len(lengths)))]  # the batch as it is
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    parts = min(parts, len(order))
+    cuts = [round(k * len(order) / parts) for k in range(parts + 1)]
+    return [order[a:b] for a, b in zip(cuts, cuts[1:])]
 
+
+def run_loss(hf, examples, vocab: Vocab, body=None, compound: bool = True, chunks: int = 1):
+    """(loss, accuracy) of `make_example` examples: the mean over their answer tokens. `compound`: cell tokens
+    through `compound_table` (the LM stage); False: the embeddings as they are (a base whose parametrisation is
+    baked in). `chunks`: run the batch as that many parts of rows of similar length (`length_parts`); the loss
+    is the same mean, in other float rounding."""
+    table = compound_table(hf, vocab) if compound else hf.model.embed_tokens.weight
     cells = set(vocab.cells)
 
-    def embed_fn(ids, emb):
-        blank, bg = table[vocab.blank], table[vocab.cells[0]]
-        for i, (row, _, mix, soft) in enumerate(examples):
-            for pos, w in mix:  # a word fades towards the CTC blank, a scene cell towards the background
-                emb[i, pos] = w * emb[i, pos] + (1 - w) * (bg if row[pos] in cells else blank)
-            if soft is not None:  # a real spoken question: sum_k p_k E[k] per frame
-                emb[i, ids[i] == vocab.audio] = soft @ table[vocab.ctc_ids]
-        return emb
+    def part_sums(part):
+        def embed_fn(ids, emb):
+            blank, bg = table[vocab.blank], table[vocab.cells[0]]
+            for i, (row, _, mix, soft) in enumerate(part):
+                for pos, w in mix:  # a word fades towards the CTC blank, a scene cell towards the background
+                    emb[i, pos] = w * emb[i, pos] + (1 - w) * (bg if row[pos] in cells else blank)
+                if soft is not None:  # a real spoken question: sum_k p_k E[k] per frame
+                    emb[i, ids[i] == vocab.audio] = soft @ table[vocab.ctc_ids]
+            return emb
 
-    return lm_batch_loss(hf, rows, n_prompt, embed_fn, table=table, body=body)
+        return lm_batch_loss(hf, [e[0] for e in part], [e[1] for e in part], embed_fn, table=table, body=body,
+                             sums=True)
+
+    total, right, count = 0.0, 0, 0
+    for idx in length_parts([len(e[0]) for e in examples], chunks):
+        s, r, n = part_sums([examples[i] for i in idx])
+        total, right, count = total + s, right + r, count + n
+    return total / count, right / count
 
 
 def compiled_body(hf, opts: Options, vocab: Vocab, stage: Stage):
@@ -263,7 +281,8 @@ def run(run_dir, opts: Options) -> None:
     body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
     train_steps(stage, hf, opt, params, start, opts.lm_steps, "text", timer,
                 lambda step: cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)),
-                lambda step: run_loss(hf, batch(step, opts, vocab, opts.lm_batch), vocab, body))
+                lambda step: run_loss(hf, batch(step, opts, vocab, opts.lm_batch), vocab, body,
+                                      chunks=opts.lm_chunks))
     final = eval_acc(hf, opts, vocab)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)
@@ -373,7 +392,7 @@ def run_anneal(run_dir, opts: Options) -> None:
     train_steps(stage, hf, opt, params, start, steps, "anneal", timer,
                 lambda step: cosine_lr(step, steps, opts.lm_anneal_lr, warmup=min(50, steps // 10)),
                 lambda step: run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch, spoken), vocab, body,
-                                      compound=False))
+                                      compound=False, chunks=opts.lm_chunks))
     final = eval_acc(hf, opts, vocab, compound=False, spoken=spoken)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)
