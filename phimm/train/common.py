@@ -604,14 +604,10 @@ def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None,
     keep = tgt != -100
     hidden = out.last_hidden_state[:, :-1][keep]  # the answer positions only: the rest have no loss
     logits = hf.lm_head(hidden) if table is None else nn.functional.linear(hidden, table)
-    if sums:
-        with torch.no_grad():
-            right = int((logits.argmax(-1) == tgt[keep]).sum())
-        return nn.functional.cross_entropy(logits, tgt[keep], reduction="sum"), right, int(keep.sum())
-    loss = nn.functional.cross_entropy(logits, tgt[keep])
+    total = nn.functional.cross_entropy(logits, tgt[keep], reduction="sum")
     with torch.no_grad():
-        acc = (logits.argmax(-1) == tgt[keep]).float().mean().item()
-    return loss, acc
+        right, count = int((logits.argmax(-1) == tgt[keep]).sum()), int(keep.sum())
+    return (total, right, count) if sums else (total / count, right / count)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
