@@ -130,8 +130,8 @@ def run_recipe(run_dir: Path, export_dir: Path, workers: int, stages=STAGES) -> 
                 err = open(run_dir / f"{name}.stderr.txt", "w")
                 n = threads_for(name, to_run, workers)
                 print(f"[phimm train] start {name}" + (f" ({n} threads)" if n > 1 else ""), flush=True)
-                running[name] = subprocess.Popen(cmd, env=dict(os.environ, PHIMM_TRAIN_THREADS=str(n), OMP_NUM_THREADS=str(n),
-                                                               MKL_NUM_THREADS=str(n)), stderr=err)
+                env = dict(os.environ, PHIMM_TRAIN_THREADS=str(n), OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+                running[name] = subprocess.Popen(cmd, env=env, stderr=err)
         time.sleep(0.5)
     summary = {s: json.loads((run_dir / s / "done.json").read_text()).get("wall_s") for s in STAGES
                if _done(run_dir, s)}

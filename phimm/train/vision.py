@@ -1,10 +1,11 @@
 """Stages `vision_encoder` and `vision`.
 
 vision_encoder: SigLIP (transformers' `Phi4MultimodalVisionModel`, the tiny config's vision part), trained from
-scratch on scenes drawn afresh as it goes (each serves `cell_reuse` consecutive steps), with a classifier on the pooled 2x2-patch cell features that
-`Phi4MultimodalImageEmbedding.get_img_features` produces. Its targets are colour slots (`slot_grid`): the first
-cells of the grid stand for the colours and hold the class of that colour's shape, or the background. A second
-head gives dense supervision: the shape class under each patch, on a middle layer.
+scratch on scenes drawn afresh as it goes (each serves `cell_reuse` consecutive steps), with a classifier on the
+pooled 2x2-patch cell features that `Phi4MultimodalImageEmbedding.get_img_features` produces. Its targets are
+colour slots (`slot_grid`): the first cells of the grid stand for the colours and hold the class of that colour's
+shape, or the background. A second head gives dense supervision: the shape class under each patch, on a middle
+layer.
 
 vision: with the base LM frozen, the image projector and the learnt separator vectors are fitted (MSE) so that
 every image token is the LM embedding of its cell's target token or of the separator token: the LM reads an image
