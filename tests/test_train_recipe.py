@@ -379,6 +379,30 @@ def test_vision_encoder_batches_reuse_each_scene_for_cell_reuse_steps():
     assert all(torch.equal(a, b) for a, b in zip(reused_batch(proc, single, 7, {}), want))
 
 
+def test_vision_encoder_crops_equal_the_processor():
+    """The vision encoder's scenes skip the image processor's call overhead (`scene_crops`), yet get the very
+    pixels and patch masks `process_image` gives at inference: square, wide, tall, faint and tiny scenes."""
+    import random
+
+    from phimm.toy.images import render_scene
+    from phimm.train.common import PRESETS, Options, fresh_model, random_layout_scene
+    from phimm.train.vision import scene_crops
+
+    proc, _ = fresh_model(Options(**PRESETS["test"]), 0)
+    rng = random.Random(11)
+    sizes, padded = set(), 0
+    for _ in range(60):
+        img = render_scene(random_layout_scene(rng, 0.5))
+        sizes.add((img.width > img.height) - (img.width < img.height))
+        want = proc.process_image(img)
+        pixels, masks = scene_crops(proc, img)
+        assert pixels.dtype == want.pixel_values.dtype and masks.dtype == want.attention_mask.dtype
+        assert torch.equal(pixels, want.pixel_values) and torch.equal(masks, want.attention_mask)
+        padded += not bool(masks[1].all())
+    assert sizes == {-1, 0, 1}  # tall, square and wide canvases were all checked
+    assert padded > 0  # and sub-crops whose padding is masked
+
+
 def test_stage_threads_follow_the_dependency_graph():
     """A stage gets every worker's thread only when no other stage still to run can run beside it."""
     from phimm.train import STAGES, threads_for

@@ -118,6 +118,37 @@ def cell_features(ie, hidden: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def scene_crops(proc, img) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel values [2, 3, crop, crop], patch masks [2, m, m]) of an RGB PIL image, equal to what
+    `proc.process_image` makes with `dynamic_hd=1` (the global crop, then the one sub-crop: the same picture), by
+    the same torchvision calls without the image processor's per-call overhead, which costs about as much as
+    drawing the scene and a fifth of a vision-encoder step. tests/test_train.py checks that both are equal."""
+    import numpy as np
+    from torchvision.transforms.v2 import functional as tvF
+
+    ip, c, p = proc.image_processor, proc.crop_size, proc.patch_size
+    if ip.dynamic_hd != 1 or img.mode != "RGB":
+        ii = proc.process_image(img)
+        return ii.pixel_values, ii.attention_mask
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    h, w = x.shape[-2:]
+    if c / w < c / h:  # as the processor's dynamic_preprocess fits the image into one crop
+        size, pad_w, pad_h = (int(h * (c / w)), c), 0, c - int(h * (c / w))
+    else:
+        size, pad_w, pad_h = (c, int(w * (c / h))), c - int(w * (c / h)), 0
+    m = c // p
+    mask = torch.ones(m, m)
+    if pad_w >= p:
+        mask[:, -(pad_w // p):] = 0
+    if pad_h >= p:
+        mask[-(pad_h // p):, :] = 0
+    x = tvF.pad(tvF.resize(x, list(size)), [0, 0, pad_w, pad_h], fill=[255, 255, 255])
+    mean = torch.tensor(ip.image_mean) * (1.0 / ip.rescale_factor)
+    std = torch.tensor(ip.image_std) * (1.0 / ip.rescale_factor)
+    x = tvF.normalize(x.to(torch.float32), mean, std, inplace=True)
+    return torch.stack([x, x]), torch.stack([torch.ones(m, m), mask])
+
+
 def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
     """`n` newly drawn scenes (a third of them on non-square canvases), rendered and processed as at inference:
     the encoder sees each scene for `cell_reuse` steps at most (`reused_batch`), so it learns the shapes, not the
@@ -127,11 +158,11 @@ def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
     px, mask, labels, local = [], [], [], []
     for _ in range(n):
         scene = random_layout_scene(rng, opts.cell_faint)
-        ii = proc.process_image(render_scene(scene))
+        pixels, masks = scene_crops(proc, render_scene(scene))
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
-        k = rng.randrange(ii.pixel_values.shape[0])
-        px.append(ii.pixel_values[k])
-        mask.append(ii.attention_mask[k])
+        k = rng.randrange(pixels.shape[0])
+        px.append(pixels[k])
+        mask.append(masks[k])
         labels.append(sum(slot_grid(scene, g["f"]), []))
         local.append(patch_labels(scene, opts.crop, opts.patch))
     return torch.stack(px), torch.stack(mask).bool(), torch.tensor(labels), torch.tensor(local)
