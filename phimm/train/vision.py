@@ -258,12 +258,20 @@ def run_encoder(run_dir, opts: Options) -> None:
 # ---------------------------------------------------------------- the projector, with SigLIP frozen
 
 
-def cache_features(ie, items) -> None:
-    """Frozen SigLIP cell features of every item (`item["feats"]`, [crops, f*f, vision hidden])."""
+def cache_features(ie, items, batch: int = 64) -> None:
+    """Frozen SigLIP cell features of every item (`item["feats"]`, [crops, f*f, vision hidden]), the crops of up to
+    `batch` items in one forward pass (each crop attends within itself only, so a crop's features do not depend on
+    its neighbours in the batch; one item at a time took four times longer)."""
     with torch.no_grad():
-        for it in items:
-            ii = it["image"]
-            it["feats"] = ie.get_img_features(ii.pixel_values, ii.attention_mask.bool())
+        for a in range(0, len(items), batch):
+            chunk = items[a: a + batch]
+            px = torch.cat([it["image"].pixel_values for it in chunk])
+            mask = torch.cat([it["image"].attention_mask for it in chunk]).bool()
+            feats = ie.get_img_features(px, mask)
+            k = 0
+            for it in chunk:
+                n = it["image"].pixel_values.shape[0]
+                it["feats"], k = feats[k: k + n], k + n
 
 
 @contextmanager
