@@ -59,12 +59,12 @@ class Options:
     patch: int = 16
     lora_r: int = 8
     # stage sizes
-    lm_steps: int = 9000
+    lm_steps: int = 11500
     # torch.compile the LM's decoder for its stage: about 1.4x faster steps on this machine; falls back to eager
     # (with the reason logged) if compiling fails
     lm_compile: bool = True
     lm_batch: int = 32
-    lm_lr: float = 1.4e-3
+    lm_lr: float = 2e-3
     # how often each task makes a batch after the `lm_first` phases (lm.TASKS: name:weight, relative)
     lm_task_weights: str = "asr:0.25,vqa:0.35,svqa:0.3,text:0.1"
     # how often each type of scene question is asked when the scene allows it (domain.QUESTION_TYPES: name:weight,
@@ -97,7 +97,7 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 13000
+    cell_steps: int = 16000
     cell_batch: int = 16
     cell_lr: float = 1e-3
     # each drawn training scene serves this many consecutive vision-encoder steps (a step draws
@@ -106,7 +106,7 @@ class Options:
     # > 0: the share of the vision encoder's training scenes drawn with a white shape on a light background (the
     # scene generator makes about 0.22 of them so): low contrast makes these the encoder's worst shapes
     cell_faint: float = 0.5
-    vision_e2e_steps: int = 1000
+    vision_e2e_steps: int = 1500
     svqa_samples: int = 2500
     vs_steps: int = 1000
     vs_lora_lr: float = 2e-3  # > 0: the vision-speech stage fine-tunes the vision LoRA too (spoken + written)
