@@ -122,7 +122,8 @@ def scene_crops(proc, img) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel values [2, 3, crop, crop], patch masks [2, m, m]) of an RGB PIL image, equal to what
     `proc.process_image` makes with `dynamic_hd=1` (the global crop, then the one sub-crop: the same picture), by
     the same torchvision calls without the image processor's per-call overhead, which costs about as much as
-    drawing the scene and a fifth of a vision-encoder step. tests/test_train.py checks that both are equal."""
+    drawing the scene and a fifth of a vision-encoder step. tests/test_train_recipe.py checks that both are
+    equal."""
     import numpy as np
     from torchvision.transforms.v2 import functional as tvF
 
@@ -261,7 +262,7 @@ def run_encoder(run_dir, opts: Options) -> None:
 def cache_features(ie, items, batch: int = 64) -> None:
     """Frozen SigLIP cell features of every item (`item["feats"]`, [crops, f*f, vision hidden]), the crops of up to
     `batch` items in one forward pass (each crop attends within itself only, so a crop's features do not depend on
-    its neighbours in the batch; one item at a time took four times longer)."""
+    its neighbours in the batch; one item at a time took 2.5 times longer)."""
     with torch.no_grad():
         for a in range(0, len(items), batch):
             chunk = items[a: a + batch]
