@@ -403,7 +403,8 @@ def word_labels(text: str) -> list[int]:
 
 
 def hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
-    """Where a `width` x `height` image lands in the single HD crop (dynamic_hd=1) and the useful cell grid."""
+    """Where a `width` x `height` image lands in the single HD crop (dynamic_hd=1), as the image processor places
+    it (resized to `size` (h, w), padded by `pad` (w, h), patch `mask`), and the useful cell grid."""
     ratio_w, ratio_h = crop / width, crop / height
     if ratio_w < ratio_h:
         new_w, new_h = crop, int(height * ratio_w)
@@ -420,7 +421,7 @@ def hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
     f = (ms + 1) // 2
     sub = mask[0::2, 0::2]
     return dict(f=f, uh=int(sub[:, 0].sum()), uw=int(sub[0, :].sum()), sx=new_w / width, sy=new_h / height,
-                cell=crop / f)
+                cell=crop / f, size=(new_h, new_w), pad=(pad_w, pad_h), mask=mask)
 
 
 SLOT_COLORS = domain.COLOR_NAMES  # scene slot k of the grid (row-major) holds the shape of colour k, if any

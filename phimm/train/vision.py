@@ -127,27 +127,17 @@ def scene_crops(proc, img) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
     from torchvision.transforms.v2 import functional as tvF
 
-    ip, c, p = proc.image_processor, proc.crop_size, proc.patch_size
+    ip = proc.image_processor
     if ip.dynamic_hd != 1 or img.mode != "RGB":
         ii = proc.process_image(img)
         return ii.pixel_values, ii.attention_mask
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
-    h, w = x.shape[-2:]
-    if c / w < c / h:  # as the processor's dynamic_preprocess fits the image into one crop
-        size, pad_w, pad_h = (int(h * (c / w)), c), 0, c - int(h * (c / w))
-    else:
-        size, pad_w, pad_h = (c, int(w * (c / h))), c - int(w * (c / h)), 0
-    m = c // p
-    mask = torch.ones(m, m)
-    if pad_w >= p:
-        mask[:, -(pad_w // p):] = 0
-    if pad_h >= p:
-        mask[-(pad_h // p):, :] = 0
-    x = tvF.pad(tvF.resize(x, list(size)), [0, 0, pad_w, pad_h], fill=[255, 255, 255])
+    g = hd_geometry(img.width, img.height, proc.crop_size, proc.patch_size)
+    x = tvF.pad(tvF.resize(x, list(g["size"])), [0, 0, *g["pad"]], fill=[255, 255, 255])
     mean = torch.tensor(ip.image_mean) * (1.0 / ip.rescale_factor)
     std = torch.tensor(ip.image_std) * (1.0 / ip.rescale_factor)
     x = tvF.normalize(x.to(torch.float32), mean, std, inplace=True)
-    return torch.stack([x, x]), torch.stack([torch.ones(m, m), mask])
+    return torch.stack([x, x]), torch.stack([torch.ones_like(g["mask"]), g["mask"]])
 
 
 def fresh_batch(proc, opts: Options, rng: random.Random, n: int):
