@@ -297,10 +297,11 @@ def test_lm_stage_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch):
     hf = Phi4MultimodalForCausalLM(cfg)
 
     def broken(module, **kw):
-        def run(**inputs):
-            out = module(**inputs)  # gradients reach the parameters before the failure
-            out.last_hidden_state.sum().backward()
+        def run(*args, **inputs):
+            out = module(*args, **inputs)  # gradients reach the parameters before the failure
+            out.sum().backward()
             raise RuntimeError("no C++ compiler")
+        run.answers_only = module.answers_only
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -472,6 +473,43 @@ def test_lm_batch_in_length_parts_has_the_same_loss():
         assert got[chunks][0] == pytest.approx(got[1][0], rel=1e-5) and got[chunks][1] == got[1][1]
         assert torch.allclose(got[chunks][2], got[1][2], atol=1e-6, rtol=1e-4)
     assert got[1][2].abs().sum() > 0
+
+
+def test_answer_body_computes_the_loss_of_the_whole_decoder():
+    """`AnswerBody` (the LM stages' compiled body) runs the last decoder layer at the answer positions only: the
+    same hidden states there as the whole decoder, hence the same loss, accuracy and gradients, on a batch of every
+    task, padded rows and grouped-query attention included, with a decoder whose weights are not at their init."""
+    import random
+
+    from transformers import Phi4MultimodalForCausalLM
+
+    from phimm.train import lm
+    from phimm.train.common import AnswerBody, Options, Vocab, build_config, build_tokenizer
+
+    opts = Options(lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=96)
+    tok = build_tokenizer(opts)
+    cfg = build_config(tok, opts)
+    vocab = Vocab(tok, cfg)
+    torch.manual_seed(0)
+    hf = Phi4MultimodalForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # attention far from uniform, norms far from 1
+    rng = random.Random(5)
+    examples = [lm.make_example(rng, task, vocab, opts) for task in ("svqa", "text", "asr", "vqa", "text", "asr")]
+    assert len({len(e[0]) for e in examples}) > 3 and len({len(e[0]) - e[1] for e in examples}) > 1
+    body = AnswerBody(hf.model)
+    got = []
+    for b in (None, body):
+        hf.zero_grad()
+        loss, acc = lm.run_loss(hf, examples, vocab, b)
+        loss.backward()
+        got.append((loss.item(), acc, [p.grad.clone() for p in hf.parameters() if p.grad is not None]))
+    assert got[1][0] == pytest.approx(got[0][0], rel=1e-5) and got[1][1] == got[0][1]
+    assert len(got[1][2]) == len(got[0][2]) > 0
+    for a, b in zip(got[0][2], got[1][2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert got[0][0] > 1.0  # not a solved batch: the losses compared are not both near zero
 
 
 def test_tokenizer_prompts_make_the_instructions_whole_words():

@@ -581,6 +581,54 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
+class AnswerBody(nn.Module):
+    """`hf.model` (a Phi-4-multimodal decoder, no LoRA) computing the final hidden states of chosen positions only.
+
+    Its last layer needs keys and values at every position but queries, the attention output and the MLP only
+    where a loss is taken: the answer positions, a few of the ~60 of an LM training row. The layers before it
+    run as transformers runs them. `forward(inputs_embeds [B,T,D], attention_mask [B,T], sel [B,A])` ->
+    the model's normed last hidden states at positions `sel` [B,A,D]: the same numbers as
+    `hf.model(...).last_hidden_state` gathered at `sel`, in other float rounding. Shares `hf`'s parameters."""
+
+    answers_only = True  # how `lm_batch_loss` tells it from a module returning every position
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, attention_mask, sel):
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.phi4_multimodal.modeling_phi4_multimodal import apply_rotary_pos_emb
+
+        m = self.model
+        B, T, _ = inputs_embeds.shape
+        pos = torch.arange(T, device=inputs_embeds.device)[None]
+        mask = create_causal_mask(config=m.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  cache=None, position_ids=pos)
+        cos, sin = m.rotary_emb(inputs_embeds, position_ids=pos)
+        h = inputs_embeds
+        for layer in m.layers[:-1]:
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
+        last, attn = m.layers[-1], m.layers[-1].self_attn
+        d, nq, nkv = attn.head_dim, attn.config.num_attention_heads, attn.num_key_value_heads
+        x = last.input_layernorm(h)
+        w = attn.qkv_proj.weight
+        kv = nn.functional.linear(x, w[nq * d:]).view(B, T, 2 * nkv, d).transpose(1, 2)
+        k, v = kv[:, :nkv], kv[:, nkv:]
+        xs = x.gather(1, sel[..., None].expand(-1, -1, x.shape[-1]))
+        q = nn.functional.linear(xs, w[: nq * d]).view(B, -1, nq, d).transpose(1, 2)
+        k = apply_rotary_pos_emb(k, k, cos, sin)[1]
+        cs = cos[0][sel]  # [B, A, rotary dims]
+        q = apply_rotary_pos_emb(q, q, cs, sin[0][sel])[0]
+        allowed = (pos[:, None, :] <= sel[..., None]) & attention_mask.bool()[:, None, :]  # [B, A, T]
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling,
+                                                         enable_gqa=nq != nkv)
+        hs = h.gather(1, sel[..., None].expand(-1, -1, h.shape[-1]))
+        hs = hs + attn.o_proj(out.transpose(1, 2).reshape(B, sel.shape[1], nq * d))
+        hs = hs + last.mlp(last.post_attention_layernorm(hs))
+        return m.norm(hs)
+
+
 def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None, table: torch.Tensor | None = None,
                   body=None, sums: bool = False):
     """(cross-entropy, token accuracy) over the answer tokens of right-padded rows; with `sums`, (summed
@@ -600,10 +648,17 @@ def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None,
     emb = hf.model.embed_tokens(ids) if table is None else nn.functional.embedding(ids, table)
     if embed_fn is not None:
         emb = embed_fn(ids, emb)
-    out = (hf.model if body is None else body)(inputs_embeds=emb, attention_mask=mask, use_cache=False)
-    tgt = labels[:, 1:]
-    keep = tgt != -100
-    hidden = out.last_hidden_state[:, :-1][keep]  # the answer positions only: the rest have no loss
+    if getattr(body, "answers_only", False):  # an `AnswerBody`: the answer positions' hidden states alone
+        width = max(len(r) - n for r, n in zip(rows, n_prompt))
+        sel = torch.tensor([[min(n - 1 + j, len(r) - 2) for j in range(width)] for r, n in zip(rows, n_prompt)])
+        tgt = labels.gather(1, sel + 1)
+        keep = torch.arange(width)[None] < torch.tensor([len(r) - n for r, n in zip(rows, n_prompt)])[:, None]
+        hidden = body(emb, mask, sel)[keep]
+    else:
+        out = (hf.model if body is None else body)(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+        tgt = labels[:, 1:]
+        keep = tgt != -100
+        hidden = out.last_hidden_state[:, :-1][keep]  # the answer positions only: the rest have no loss
     logits = hf.lm_head(hidden) if table is None else nn.functional.linear(hidden, table)
     total = nn.functional.cross_entropy(logits, tgt[keep], reduction="sum")
     with torch.no_grad():
