@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import random
 
@@ -23,12 +24,14 @@ _POLYGONS: dict[str, list[tuple[float, float]]] = {
 }
 
 
-def _unit_outline(kind: str, rotation: float) -> list[tuple[float, float]]:
+@functools.lru_cache(maxsize=4096)  # a scene asks for the same shapes' outlines and extents many times
+def _unit_outline(kind: str, rotation: float) -> tuple[tuple[float, float], ...]:
     """Vertices in image axes (y down) around (0, 0), circumradius 1."""
-    return [(r * math.cos(math.radians(a + rotation)), -r * math.sin(math.radians(a + rotation)))
-            for a, r in _POLYGONS[kind]]
+    return tuple((r * math.cos(math.radians(a + rotation)), -r * math.sin(math.radians(a + rotation)))
+                 for a, r in _POLYGONS[kind])
 
 
+@functools.lru_cache(maxsize=4096)
 def _unit_extent(kind: str, rotation: float) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) of the shape with circumradius 1 around (0, 0)."""
     if kind == "circle":

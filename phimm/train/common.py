@@ -3,6 +3,7 @@ vocabulary (blank / scene-cell / separator tokens), chat-formatted examples, LoR
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -378,6 +379,7 @@ class Vocab:
         self.image = cfg.vision_config.image_token_id
         self.audio = cfg.audio_config.audio_token_id
         self._prompt_cache: dict = {}
+        self._answer_cache: dict = {}
 
     def prompt(self, text: str, n_image: int = 0, n_audio: int = 0) -> list[int]:
         """Chat-formatted user turn with `n_image` image and `n_audio` audio placeholder tokens before `text`,
@@ -391,7 +393,9 @@ class Vocab:
         return list(self._prompt_cache[key])
 
     def answer(self, text: str) -> list[int]:
-        return self.tok(text)["input_ids"] + [self.end]
+        if text not in self._answer_cache:
+            self._answer_cache[text] = self.tok(text)["input_ids"] + [self.end]
+        return list(self._answer_cache[text])
 
 
 def word_labels(text: str) -> list[int]:
@@ -404,7 +408,15 @@ def word_labels(text: str) -> list[int]:
 
 def hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
     """Where a `width` x `height` image lands in the single HD crop (dynamic_hd=1), as the image processor places
-    it (resized to `size` (h, w), padded by `pad` (w, h), patch `mask`), and the useful cell grid."""
+    it (resized to `size` (h, w), padded by `pad` (w, h), patch `mask`), and the useful cell grid. A new dict
+    and mask each call (worked out once per size: training asks for the same few hundred sizes all the time)."""
+    out = dict(_hd_geometry(width, height, crop, patch))
+    out["mask"] = out["mask"].clone()
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
     ratio_w, ratio_h = crop / width, crop / height
     if ratio_w < ratio_h:
         new_w, new_h = crop, int(height * ratio_w)
