@@ -98,7 +98,7 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 16000
+    cell_steps: int = 14000
     cell_batch: int = 16
     cell_lr: float = 1e-3
     # each drawn training scene serves this many consecutive vision-encoder steps (a step draws
@@ -107,7 +107,7 @@ class Options:
     # > 0: the share of the vision encoder's training scenes drawn with a white shape on a light background (the
     # scene generator makes about 0.22 of them so): low contrast makes these the encoder's worst shapes
     cell_faint: float = 0.5
-    vision_e2e_steps: int = 1500
+    vision_e2e_steps: int = 1000
     svqa_samples: int = 2500
     vs_steps: int = 1000
     vs_lora_lr: float = 2e-3  # > 0: the vision-speech stage fine-tunes the vision LoRA too (spoken + written)

@@ -21,7 +21,7 @@ from ..toy import data as toy_data
 from ..toy import domain
 from .common import (AUDIO_EMBED, SPEECH_PROJ, WORDS, add_train_lora, apply_parts, cosine_lr, fresh_model,
                      lm_batch_loss, load_base, loop, lora_state, Options, remove_train_lora, save_parts, set_lr,
-                     Stage, Timer, Vocab, word_labels)
+                     Stage, stage_file, Timer, Vocab, word_labels)
 
 
 def make_clips(proc, kind: str, n: int, seed: int, heldout: bool = False, start: int = 0, desc: str = "clips"):
@@ -95,6 +95,14 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     return float(jiwer.wer(refs, hyps))
 
 
+FIT_ENCODED = "fit_encoded.pt"  # `encode` of the speech stage's clips, written by the speech_encoder stage
+
+
+def fit_clips(opts: Options) -> int:
+    """How many of the training clips the speech stage fits its projector and LoRA on."""
+    return min(opts.asr_samples, 2500)
+
+
 def run_encoder(run_dir, opts: Options) -> None:
     stage = Stage(run_dir, "speech_encoder")
     if stage.done:
@@ -149,6 +157,9 @@ def run_encoder(run_dir, opts: Options) -> None:
     stage.log(event="end", heldout_ctc_wer=round(dev_wer, 4))
     save_parts(hf, stage, (AUDIO_EMBED + "encoder.",))
     torch.save(head.state_dict(), stage.dir / "ctc_head.pt")
+    # the speech stage fits its projector to the first of these clips read by this encoder: read them here, where
+    # they are already made, so that the speech stage (on the LM's chain, the longer one) need not make them again
+    torch.save(encode(encoder, head, clips[:fit_clips(opts)]), stage.dir / FIT_ENCODED)
     stage.finish(wall_s=timer(), heldout_ctc_wer=round(dev_wer, 4), steps=opts.ctc_steps)
     if stage.state_path.exists():
         stage.state_path.unlink()
@@ -201,11 +212,12 @@ def run_adapt(run_dir, opts: Options) -> None:
     timer = Timer()
     hf, proc = load_base(run_dir)
     vocab = Vocab(proc.tokenizer, hf.config)
-    encoder, head = load_encoder(run_dir, hf, opts)
-    n_fit = min(opts.asr_samples, 2500)
-    clips = make_clips(proc, "asr", n_fit, opts.seed, desc="speech:data")
-    encoded = encode(encoder, head, clips)
-    del clips
+    ready = stage_file(run_dir, "speech_encoder", FIT_ENCODED)
+    if ready is not None:  # the same clips through the same encoder, read where they were made
+        encoded = torch.load(ready, weights_only=True)
+    else:  # a run whose speech_encoder stage predates the file
+        encoder, head = load_encoder(run_dir, hf, opts)
+        encoded = encode(encoder, head, make_clips(proc, "asr", fit_clips(opts), opts.seed, desc="speech:data"))
     ae = hf.model.embed_tokens_extend.audio_embed
     up, down = ae.up_proj_for_speech, ae.down_proj_for_speech
     table = hf.model.embed_tokens.weight[vocab.ctc_ids].detach()

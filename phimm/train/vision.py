@@ -85,6 +85,7 @@ def patch_labels(scene: domain.Scene, crop: int, patch: int) -> list[int]:
     """The class of the shape under each patch centre of the (single, padded) HD crop, row-major (background
     outside the shapes and in the padding): dense labels that teach SigLIP's middle layers what shapes look like,
     the local evidence the colour slots are read from."""
+    import numpy as np
     from PIL import Image, ImageDraw
 
     from ..toy.images import shape_outline
@@ -100,11 +101,12 @@ def patch_labels(scene: domain.Scene, crop: int, patch: int) -> list[int]:
         else:
             draw.polygon(shape_outline(s), fill=k)
     ms = crop // patch
+    pixels = np.asarray(label)  # [height, width]: one read, not one getpixel call per patch
     out = []
     for r in range(ms):
         for c in range(ms):
             x, y = (c + 0.5) * patch / g["sx"], (r + 0.5) * patch / g["sy"]
-            out.append(label.getpixel((int(x), int(y))) if x < scene.width and y < scene.height else 0)
+            out.append(int(pixels[int(y), int(x)]) if x < scene.width and y < scene.height else 0)
     return out
 
 
