@@ -66,6 +66,7 @@ class Options:
     lm_compile: bool = True
     lm_batch: int = 32
     lm_lr: float = 2e-3
+    lm_weight_decay: float = 0.1  # AdamW weight decay of the LM stage (0.01 found the slot binding later, v19)
     # how often each task makes a batch after the `lm_first` phases (lm.TASKS: name:weight, relative)
     lm_task_weights: str = "asr:0.25,vqa:0.35,svqa:0.3,text:0.1"
     # how often each type of scene question is asked when the scene allows it (domain.QUESTION_TYPES: name:weight,
@@ -98,7 +99,7 @@ class Options:
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
     vqa_samples: int = 3000
-    cell_steps: int = 14000
+    cell_steps: int = 13500
     cell_batch: int = 16
     cell_lr: float = 1e-3
     # each drawn training scene serves this many consecutive vision-encoder steps (a step draws

@@ -274,7 +274,7 @@ def run(run_dir, opts: Options) -> None:
     params = [p for n, p in hf.named_parameters() if not n.startswith("model.embed_tokens_extend.")]
     for n, p in hf.named_parameters():
         p.requires_grad_(not n.startswith("model.embed_tokens_extend."))
-    opt = torch.optim.AdamW(params, lr=opts.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=opts.lm_lr, weight_decay=opts.lm_weight_decay, betas=(0.9, 0.98))
     start, before = stage.resume(opt, model=hf)
     if start == 0:
         stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab))
