@@ -624,20 +624,21 @@ class AnswerBody(nn.Module):
             h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
         last, attn = m.layers[-1], m.layers[-1].self_attn
         d, nq, nkv = attn.head_dim, attn.config.num_attention_heads, attn.num_key_value_heads
+        def at_sel(t):  # [B, T, D] -> [B, A, D]: the rows of `sel`
+            return t.gather(1, sel[..., None].expand(-1, -1, t.shape[-1]))
+
         x = last.input_layernorm(h)
         w = attn.qkv_proj.weight
         kv = nn.functional.linear(x, w[nq * d:]).view(B, T, 2 * nkv, d).transpose(1, 2)
         k, v = kv[:, :nkv], kv[:, nkv:]
-        xs = x.gather(1, sel[..., None].expand(-1, -1, x.shape[-1]))
-        q = nn.functional.linear(xs, w[: nq * d]).view(B, -1, nq, d).transpose(1, 2)
+        q = nn.functional.linear(at_sel(x), w[: nq * d]).view(B, -1, nq, d).transpose(1, 2)
         k = apply_rotary_pos_emb(k, k, cos, sin)[1]
         cs = cos[0][sel]  # [B, A, rotary dims]
         q = apply_rotary_pos_emb(q, q, cs, sin[0][sel])[0]
         allowed = (pos[:, None, :] <= sel[..., None]) & attention_mask.bool()[:, None, :]  # [B, A, T]
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=attn.scaling,
                                                          enable_gqa=nq != nkv)
-        hs = h.gather(1, sel[..., None].expand(-1, -1, h.shape[-1]))
-        hs = hs + attn.o_proj(out.transpose(1, 2).reshape(B, sel.shape[1], nq * d))
+        hs = at_sel(h) + attn.o_proj(out.transpose(1, 2).reshape(B, sel.shape[1], nq * d))
         hs = hs + last.mlp(last.post_attention_layernorm(hs))
         return m.norm(hs)
 
@@ -662,10 +663,12 @@ def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None,
     if embed_fn is not None:
         emb = embed_fn(ids, emb)
     if getattr(body, "answers_only", False):  # an `AnswerBody`: the answer positions' hidden states alone
-        width = max(len(r) - n for r, n in zip(rows, n_prompt))
-        sel = torch.tensor([[min(n - 1 + j, len(r) - 2) for j in range(width)] for r, n in zip(rows, n_prompt)])
+        n_answer = torch.tensor([len(r) - n for r, n in zip(rows, n_prompt)])
+        # row i's answer positions n_i - 1 .. len_i - 2, padded with its last one (masked out by `keep`)
+        sel = torch.arange(int(n_answer.max()))[None] + (torch.tensor(n_prompt) - 1)[:, None]
+        sel = torch.minimum(sel, (torch.tensor(n_prompt) + n_answer - 2)[:, None])
         tgt = labels.gather(1, sel + 1)
-        keep = torch.arange(width)[None] < torch.tensor([len(r) - n for r, n in zip(rows, n_prompt)])[:, None]
+        keep = torch.arange(sel.shape[1])[None] < n_answer[:, None]
         hidden = body(emb, mask, sel)[keep]
     else:
         out = (hf.model if body is None else body)(inputs_embeds=emb, attention_mask=mask, use_cache=False)
