@@ -4,11 +4,14 @@ attach to the frozen base with per-row selection, merge, save."""
 __phimm__ = True  # marks this package as phimm's own (a different PyPI project is also named `adapters`)
 
 from .errors import AdapterDataError
-from .lora import LoraAdapter, LoraLinear, RowAdapters, find_targets, merged_weight, wrap_targets
+from .lora import (NO_ADAPTER, LoraAdapter, LoraLinear, RowAdapters, active_rows, find_targets, merged_weight,
+                   wrap_targets)
 from .peft_io import adapter_from_state_dict, load_peft_adapter, save_peft_adapter
 
 __all__ = [
     "AdapterDataError",
+    "NO_ADAPTER",
+    "active_rows",
     "LoraAdapter",
     "LoraLinear",
     "RowAdapters",

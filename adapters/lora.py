@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -59,41 +61,67 @@ class LoraAdapter:
         return LoraAdapter(self.name, self.r, self.alpha, w, self.dropout, self.target_modules)
 
 
+_ACTIVE: ContextVar["RowAdapters"] = ContextVar("phimm_row_adapters")
+
+
+@dataclass(frozen=True)
 class RowAdapters:
-    """Which adapter each batch row uses, shared by every `LoraLinear` of one model.
+    """Which adapter each row of one forward uses: a value made for that forward and passed with it.
 
     - `uniform`: the adapter index every row uses (None: rows differ, or no adapter at all);
     - `rank_mask`: for a mixed batch, `[B, sum of ranks]` holding the row's adapter's scale where its ranks sit,
-      zeros elsewhere: every adapter's A is applied to every row in one matmul, the mask keeps each row's own.
+      zeros elsewhere: every adapter's A is applied to every row in one matmul, the mask keeps each row's own;
+    - `ranks`: every adapter's rank, in index order (the layout of `rank_mask`).
+
+    A model's forward takes one and makes it active for its own duration (`with rows.active(): ...`):
+    transformers' decoder layers pass no extra arguments down to their linear layers, so the value reaches each
+    `LoraLinear` through a context variable scoped to that forward. Layers hold no per-call state, and two
+    threads can run forwards on different rows at once.
     """
 
-    def __init__(self) -> None:
-        self.uniform: int | None = None
-        self.rank_mask: torch.Tensor | None = None
-        self.ranks: list[int] = []
-        self.scales: list[float] = []
+    uniform: int | None = None
+    rank_mask: torch.Tensor | None = None
+    ranks: tuple[int, ...] = ()
 
-    def set(self, row_adapter: Sequence[int | None], device: torch.device | str = "cpu",
-            dtype: torch.dtype = torch.float32) -> None:
-        """`row_adapter[i]` is the adapter index of row i, or None for the base model alone."""
-        self.uniform, self.rank_mask = None, None
-        present = {a for a in row_adapter}
-        if present == {None}:
-            return
+    @classmethod
+    def for_rows(cls, row_adapter: Sequence[int | None], ranks: Sequence[int], scales: Sequence[float],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "RowAdapters":
+        """`row_adapter[i]` is the adapter index of row i, or None for the base model alone; `ranks[a]` and
+        `scales[a]` are adapter a's rank and alpha / r."""
+        present = set(row_adapter)
+        if present <= {None}:
+            return NO_ADAPTER
         if len(present) == 1:
-            self.uniform = next(iter(present))
-            return
+            return cls(uniform=next(iter(present)), ranks=tuple(ranks))
         offsets = [0]
-        for r in self.ranks:
+        for r in ranks:
             offsets.append(offsets[-1] + r)
         mask = torch.zeros(len(row_adapter), offsets[-1], dtype=dtype, device=device)
         for i, a in enumerate(row_adapter):
             if a is not None:
-                mask[i, offsets[a]:offsets[a + 1]] = self.scales[a] if a < len(self.scales) else 1.0
-        self.rank_mask = mask
+                mask[i, offsets[a]:offsets[a + 1]] = scales[a]
+        return cls(rank_mask=mask, ranks=tuple(ranks))
 
-    def clear(self) -> None:
-        self.uniform, self.rank_mask = None, None
+    @property
+    def is_base(self) -> bool:
+        return self.uniform is None and self.rank_mask is None
+
+    @contextmanager
+    def active(self) -> Iterator["RowAdapters"]:
+        """Make this the rows' adapters of every `LoraLinear` forward run inside the block (this thread only)."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+
+NO_ADAPTER = RowAdapters()  # every row on the base model alone
+
+
+def active_rows() -> RowAdapters:
+    """The rows' adapters of the forward running in this context (the base model alone outside any)."""
+    return _ACTIVE.get(NO_ADAPTER)
 
 
 class LoraLinear(nn.Module):
@@ -106,13 +134,12 @@ class LoraLinear(nn.Module):
     the base output, so text routes stay bit-identical with and without adapters loaded.
     """
 
-    def __init__(self, base: nn.Linear, rows: RowAdapters) -> None:
+    def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.rows = rows
         self.int8 = None  # a quantized stand-in for `weight` (phimm.quant), or None
         self.packed = None  # `weight` in oneDNN's blocked layout (see `pack`), or None
         self.pack_pending = False  # `pack(lazy=True)` was called: pack on the first forward
@@ -120,7 +147,7 @@ class LoraLinear(nn.Module):
         self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
         self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r]
         self.lora_scale: list[float] = []
-        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stacked: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (ranks, A, B)
 
     def set_adapter_weights(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         while len(self.lora_a) <= index:
@@ -137,19 +164,20 @@ class LoraLinear(nn.Module):
         self.lora_b[index] = b.detach().to(device=dev, dtype=dt).contiguous()
         self.lora_scale[index] = float(scale)
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked(self, ranks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """All adapters' A `[sum r, in]` and B `[out, sum r]` side by side (zeros for adapters not targeting
-        this module), in the order of `rows.ranks`."""
-        if self._stacked is None:
+        this module), adapter i taking `ranks[i]` ranks."""
+        ranks = tuple(ranks)
+        if self._stacked is None or self._stacked[0] != ranks:
             dt, dev = self.lora_dtype, self.lora_device
             a_parts, b_parts = [], []
-            for i, r in enumerate(self.rows.ranks):
+            for i, r in enumerate(ranks):
                 a = self.lora_a[i] if i < len(self.lora_a) else None
                 b = self.lora_b[i] if i < len(self.lora_b) else None
                 a_parts.append(a if a is not None else torch.zeros(r, self.in_features, dtype=dt, device=dev))
                 b_parts.append(b if b is not None else torch.zeros(self.out_features, r, dtype=dt, device=dev))
-            self._stacked = (torch.cat(a_parts).contiguous(), torch.cat(b_parts, dim=1).contiguous())
-        return self._stacked
+            self._stacked = (ranks, torch.cat(a_parts).contiguous(), torch.cat(b_parts, dim=1).contiguous())
+        return self._stacked[1], self._stacked[2]
 
     @property
     def lora_dtype(self) -> torch.dtype:
@@ -198,9 +226,10 @@ class LoraLinear(nn.Module):
             return self.int8(x)
         return nn.functional.linear(x, self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: RowAdapters | None = None) -> torch.Tensor:
+        """`rows`: the rows' adapters (default: those of the forward this layer runs in, `active_rows()`)."""
         out = self.base_forward(x)
-        rows = self.rows
+        rows = active_rows() if rows is None else rows
         if rows.uniform is not None:
             i = rows.uniform
             if i < len(self.lora_a) and self.lora_a[i] is not None:
@@ -209,7 +238,7 @@ class LoraLinear(nn.Module):
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output
                 out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.lora_scale[i])
         elif rows.rank_mask is not None:
-            a, b = self.stacked()
+            a, b = self.stacked(rows.ranks)
             h = nn.functional.linear(x, a)  # [B, T, sum r]
             h.mul_(rows.rank_mask.to(h.dtype).unsqueeze(1))  # each row's own ranks, times its adapter's scale
             out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t())
@@ -231,7 +260,7 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn
     return {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear)) and ok(p)}
 
 
-def wrap_targets(model: nn.Module, paths: Iterable[str], rows: RowAdapters) -> dict[str, LoraLinear]:
+def wrap_targets(model: nn.Module, paths: Iterable[str]) -> dict[str, LoraLinear]:
     """Replace each `nn.Linear` at `paths` by a `LoraLinear` sharing its weights (idempotent)."""
     out = {}
     for path in paths:
@@ -239,7 +268,7 @@ def wrap_targets(model: nn.Module, paths: Iterable[str], rows: RowAdapters) -> d
         parent = model.get_submodule(parent_path) if parent_path else model
         mod = getattr(parent, attr)
         if not isinstance(mod, LoraLinear):
-            mod = LoraLinear(mod, rows)
+            mod = LoraLinear(mod)
             setattr(parent, attr, mod)
         out[path] = mod
     return out

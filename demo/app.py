@@ -45,7 +45,6 @@ log = logging.getLogger("phimm.demo")
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 CONCURRENCY_ID = "phimm-model"  # every event that runs the model shares this slot
-MODEL_CONCURRENCY = 1  # the model's per-row adapter routing is shared state: one generation at a time
 CSS = """
 #phimm-status { min-height: 2.2em; }
 """
@@ -149,13 +148,12 @@ def load_examples(examples_dir: str | Path | None = None) -> list[list[Any]]:
 
 
 class DemoChat:
-    """The demo's request handling: builds `phimm.Request`s from the chat's turns and runs them through the
-    pipeline, one at a time (the lock guards the pipeline even for callers outside gradio's queue)."""
+    """The demo's request handling: builds `phimm.Request`s from the chat's turns and submits them to the
+    pipeline's engine, so concurrent users share its decode steps (each row on its own route)."""
 
     def __init__(self, pipe, limits: Limits | None = None):
         self.pipe = pipe
         self.limits = limits or Limits()
-        self._lock = threading.Lock()
 
     # ---- checks and requests -------------------------------------------------------------------------------
     def check_upload(self, path: str, kind: str) -> None:
@@ -208,23 +206,21 @@ class DemoChat:
     # ---- running -------------------------------------------------------------------------------------------
     def _worker(self, request, gen: dict, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            with self._lock:
-                if stop.is_set():  # cancelled while waiting for the model
-                    out.put(("done", time.perf_counter()))
-                    return
-                _, route = self.pipe.prepare(request)  # validates and routes before any model compute
-                out.put(("route", route))
-                start = time.perf_counter()
-                out.put(("start", start))
-                pieces = self.pipe.stream(request, **gen)
-                try:
-                    for piece in pieces:
-                        out.put(("piece", piece, time.perf_counter()))
-                        if stop.is_set():
-                            break
-                finally:
-                    pieces.close()
+            if stop.is_set():  # cancelled before it started
                 out.put(("done", time.perf_counter()))
+                return
+            start = time.perf_counter()
+            pieces = self.pipe.stream(request, **gen)  # validated and routed before any model compute
+            out.put(("route", pieces.route))
+            out.put(("start", start))
+            try:
+                for piece in pieces:
+                    out.put(("piece", piece, time.perf_counter()))
+                    if stop.is_set():
+                        break
+            finally:
+                pieces.close()
+            out.put(("done", time.perf_counter()))
         except Exception as e:  # noqa: BLE001 - shown to the user; the demo keeps serving
             if not isinstance(e, PhimmError):
                 log.exception("request failed")
@@ -320,8 +316,7 @@ class DemoChat:
             raise gr.Error("PromptError: send some text, an image or an audio clip", print_exception=False)
         try:
             request = self.make_request([], text, image, audio)
-            with self._lock:
-                out = self.pipe(request, **self.generation())
+            out = self.pipe(request, **self.generation())
         except Exception as e:  # noqa: BLE001 - every failure comes back as a readable gr.Error
             if not isinstance(e, PhimmError):
                 log.exception("API request failed")
@@ -349,6 +344,12 @@ def to_messages(turns: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- the app
+
+
+def model_concurrency(pipe) -> int:
+    """Chat events that may run at once: as many as the engine decodes together (they share its steps)."""
+    limits = getattr(pipe, "limits", None)
+    return int(getattr(limits, "max_running", 1) or 1)
 
 
 def _header(pipe, limits: Limits) -> str:
@@ -408,7 +409,7 @@ def build_app(pipe, *, limits: Limits | None = None, examples_dir: str | Path | 
         # preprocess=False: the handler gets the uploaded files' paths as they are, so a broken file reaches
         # phimm's media checks (clear messages) instead of failing inside gradio's image preprocessing.
         run_kwargs = dict(fn=chat.respond, inputs=inputs, outputs=outputs, preprocess=False,
-                          concurrency_limit=MODEL_CONCURRENCY, concurrency_id=CONCURRENCY_ID,
+                          concurrency_limit=model_concurrency(pipe), concurrency_id=CONCURRENCY_ID,
                           api_visibility="private", show_progress="minimal")
         events = [text.submit(**run_kwargs), send.click(**run_kwargs)]
 
@@ -442,11 +443,11 @@ def build_app(pipe, *, limits: Limits | None = None, examples_dir: str | Path | 
             api_route = gr.Textbox(label="route")
             api_button = gr.Button("chat")
         api_button.click(chat.api_chat, inputs=[api_text, api_image, api_audio], outputs=[api_answer, api_route],
-                         api_name="chat", concurrency_limit=MODEL_CONCURRENCY, concurrency_id=CONCURRENCY_ID,
+                         api_name="chat", concurrency_limit=model_concurrency(pipe), concurrency_id=CONCURRENCY_ID,
                          api_description="Answer (text, image file or None, audio file or None) with the demo's "
                                          "model; returns (answer, route such as 'vision', 'speech', 'none').")
 
-    app.queue(default_concurrency_limit=MODEL_CONCURRENCY, max_size=limits.queue_size)
+    app.queue(default_concurrency_limit=model_concurrency(pipe), max_size=limits.queue_size)
     app.phimm_limits = limits  # read by launch()
     app.phimm_chat = chat
     return app

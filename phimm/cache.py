@@ -1,9 +1,15 @@
-"""A KV cache that is allocated once per batch and written in place, and the merge of per-row prefills into it.
+"""KV caches written in place: one per prefill group, and the running batch's, which rows join and leave.
 
 transformers' `DynamicCache` concatenates at every decode step, copying the whole cache each time (for image
-prompts of a thousand tokens that copy costs as much as reading the weights). Each layer here keeps a buffer of
-`capacity` positions and hands attention a view of the filled part, so the masks and shapes transformers builds
-stay those of a dynamic cache.
+prompts of a thousand tokens that copy costs as much as reading the weights). Each layer here keeps a buffer with
+room to grow and hands attention a view of the filled part, so the masks and shapes transformers builds stay those
+of a dynamic cache.
+
+The running batch (`BatchCache`) is right-aligned: every row ends at the same column, the one the next decode
+step writes, and a row of `n` cached positions fills the last `n` columns; the columns to its left are zeros that
+the attention mask hides. A joining row is copied in to end at that column (the others shift right if it is
+longer than they are), a leaving row is dropped and the columns no remaining row uses are cut off: one copy of
+the cache per join or leave, none per decode step.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+GROW = 32  # spare columns allocated beyond what is filled; a full buffer grows by half again
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -23,10 +31,16 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.key_buf = torch.zeros(b, h, self.capacity, d, dtype=self.dtype, device=self.device)
-        self.value_buf = torch.zeros(b, h, self.capacity, value_states.shape[-1], dtype=self.dtype, device=self.device)
-        self.keys = self.key_buf[:, :, :0]
-        self.values = self.value_buf[:, :, :0]
+        self.set_buffers(key_states.new_zeros(b, h, self.capacity, d),
+                         value_states.new_zeros(b, h, self.capacity, value_states.shape[-1]), 0)
+
+    def set_buffers(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int) -> None:
+        self.key_buf, self.value_buf = key_buf, value_buf  # [B, H, capacity, D]
+        self.dtype, self.device = key_buf.dtype, key_buf.device
+        self.capacity = key_buf.shape[2]
+        self.length = length
+        self.keys = key_buf[:, :, :length]
+        self.values = value_buf[:, :, :length]
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -35,7 +49,7 @@ class PreallocatedLayer(DynamicLayer):
         n = key_states.shape[-2]
         end = self.length + n
         if end > self.capacity:
-            raise RuntimeError(f"KV cache full: {end} positions asked, {self.capacity} allocated")
+            self.grow(end)
         self.key_buf[:, :, self.length:end] = key_states
         self.value_buf[:, :, self.length:end] = value_states
         self.length = end
@@ -43,32 +57,105 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self.value_buf[:, :, :end]
         return self.keys, self.values
 
+    def grow(self, needed: int) -> None:
+        """Reallocate with room for `needed` positions and more (the filled part is copied once)."""
+        capacity = max(needed, self.capacity + max(GROW, self.capacity // 2))
+        k, v = self.key_buf, self.value_buf
+        kb = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
+        vb = v.new_zeros(v.shape[0], v.shape[1], capacity, v.shape[3])
+        kb[:, :, :self.length] = k[:, :, :self.length]
+        vb[:, :, :self.length] = v[:, :, :self.length]
+        self.set_buffers(kb, vb, self.length)
+
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
 
 class PreallocatedCache(Cache):
-    """`num_layers` preallocated layers of `capacity` positions each."""
+    """`num_layers` preallocated layers of `capacity` positions each (they grow if more are written)."""
 
     def __init__(self, num_layers: int, capacity: int):
         super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
 
-    @classmethod
-    def from_rows(cls, caches: Sequence[Cache], rows: Sequence[int], lengths: Sequence[int],
-                  extra: int) -> "PreallocatedCache":
-        """Merge prefilled rows (row `rows[i]` of `caches[i]`, `lengths[i]` positions) into one batch, each row
-        left-padded to the longest (the padding is masked out by the attention mask), with room for `extra`
-        more positions."""
-        longest = max(lengths)
-        num_layers = len(caches[0].layers)
-        merged = cls(num_layers, longest + extra)
-        for li in range(num_layers):
-            k0 = caches[0].layers[li].keys
-            v0 = caches[0].layers[li].values
-            k = torch.zeros((len(caches), k0.shape[1], longest, k0.shape[-1]), dtype=k0.dtype, device=k0.device)
-            v = torch.zeros((len(caches), v0.shape[1], longest, v0.shape[-1]), dtype=v0.dtype, device=v0.device)
-            for i, (c, r, n) in enumerate(zip(caches, rows, lengths)):
-                k[i, :, longest - n:] = c.layers[li].keys[r, :, :n]
-                v[i, :, longest - n:] = c.layers[li].values[r, :, :n]
-            merged.layers[li].update(k, v)
-        return merged
+
+class BatchCache(PreallocatedCache):
+    """The running batch's cache: rows of different lengths, right-aligned (see the module's docstring).
+
+    `lengths[i]` is how many positions row i has cached; `width` is the filled columns (the longest row). After a
+    decode forward wrote one column for every row, `advance()` counts it.
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers, 0)
+        self.lengths: list[int] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def positions(self) -> int:
+        """Cache positions held by the batch's rectangle, padding included (rows x width)."""
+        return self.rows * self.width
+
+    def attention_mask(self, new: int = 1, device=None) -> torch.Tensor:
+        """`[B, width + new]`: 1 where a row has cached positions, and for the `new` columns about to be written."""
+        width = self.width
+        lengths = torch.tensor(self.lengths, device=device)
+        cols = torch.arange(width + new, device=device)
+        return (cols[None, :] >= (width - lengths)[:, None]).long()
+
+    def next_positions(self, device=None) -> torch.Tensor:
+        """`[B, 1]` position id of each row's next token."""
+        return torch.tensor(self.lengths, dtype=torch.long, device=device)[:, None]
+
+    def advance(self, n: int = 1) -> None:
+        self.lengths = [x + n for x in self.lengths]
+
+    def add_rows(self, sources: Sequence[tuple[Cache, int, int]]) -> None:
+        """Append rows: `sources[j] = (cache, row, n)` copies row `row`'s first `n` positions of `cache`."""
+        if not sources:
+            return
+        old_width, old_rows = self.width, self.rows
+        width = max([old_width] + [n for _, _, n in sources])
+        total = old_rows + len(sources)
+        for li, layer in enumerate(self.layers):
+            ref_k, ref_v = sources[0][0].layers[li].keys, sources[0][0].layers[li].values
+            kb = ref_k.new_zeros(total, ref_k.shape[1], width + GROW, ref_k.shape[3])
+            vb = ref_v.new_zeros(total, ref_v.shape[1], width + GROW, ref_v.shape[3])
+            if old_rows:
+                kb[:old_rows, :, width - old_width:width] = layer.keys
+                vb[:old_rows, :, width - old_width:width] = layer.values
+            for j, (cache, row, n) in enumerate(sources):
+                src = cache.layers[li]
+                kb[old_rows + j, :, width - n:width] = src.keys[row, :, :n]
+                vb[old_rows + j, :, width - n:width] = src.values[row, :, :n]
+            layer.set_buffers(kb, vb, width)
+        self.lengths = self.lengths + [n for _, _, n in sources]
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Drop every row not in `keep` (indices, in the order to keep) and the columns no kept row uses."""
+        keep = list(keep)
+        if keep == list(range(self.rows)):
+            return
+        old_width = self.width
+        self.lengths = [self.lengths[i] for i in keep]
+        width = self.width
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            if not keep:
+                layer.set_buffers(layer.key_buf[:0, :, :0], layer.value_buf[:0, :, :0], 0)
+                continue
+            idx = torch.tensor(keep, device=layer.key_buf.device)
+            k = layer.key_buf[:, :, old_width - width:old_width].index_select(0, idx)
+            v = layer.value_buf[:, :, old_width - width:old_width].index_select(0, idx)
+            kb = k.new_zeros(k.shape[0], k.shape[1], width + GROW, k.shape[3])
+            vb = v.new_zeros(v.shape[0], v.shape[1], width + GROW, v.shape[3])
+            kb[:, :, :width] = k
+            vb[:, :, :width] = v
+            layer.set_buffers(kb, vb, width)

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.set_defaults(func=cmd_run)
 
-    for name, module in (("eval", "phimm.eval"), ("demo", "demo.cli"), ("bench", "phimm.bench"),
-                         ("train", "phimm.train")):
+    for name, module in (("eval", "phimm.eval"), ("demo", "demo.cli"), ("serve", "phimm.serve.cli"),
+                         ("bench", "phimm.bench"), ("train", "phimm.train")):
         try:
             mod = __import__(module, fromlist=["register"])
         except ImportError:

@@ -59,6 +59,23 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle-based checkpoint (.bin / .pt) that was not explicitly allowed."""
 
 
+class ContextLengthError(PromptError):
+    """A prompt (plus the tokens asked for) longer than the model's context or the engine's KV-cache budget."""
+
+
+class QueueFullError(PhimmError):
+    """The serving engine's queue is full: the request was refused before any work; retry later."""
+
+
+class EngineClosedError(PhimmError):
+    """The serving engine was closed (or stopped on an internal error) before the request finished."""
+
+
+class EngineError(PhimmError):
+    """A model forward failed inside the serving engine; the rows of that forward end with this error and the
+    engine goes on serving the others."""
+
+
 __all__ = [
     "PhimmError",
     "MediaError",
@@ -73,4 +90,8 @@ __all__ = [
     "GenerationConfigError",
     "CheckpointError",
     "UnsafeCheckpointError",
+    "ContextLengthError",
+    "QueueFullError",
+    "EngineClosedError",
+    "EngineError",
 ]

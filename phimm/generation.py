@@ -1,10 +1,8 @@
-"""Generation options and the prefill / decode loop over a batch whose rows each carry their own route."""
+"""Generation options, and the logits processing and token choice of one step (the engine runs the loop)."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +24,7 @@ class GenerationOptions:
     eos_token_id: tuple[int, ...] | None = None  # None: the model's
     seed: int | None = None
     output_logits: bool = False
+    stop_strings: tuple[str, ...] = ()  # the answer ends before the first of these (not included in its text)
 
     @classmethod
     def from_kwargs(cls, base: "GenerationOptions | None" = None, **kwargs) -> "GenerationOptions":
@@ -41,6 +40,9 @@ class GenerationOptions:
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is not None:
             e = kwargs["eos_token_id"]
             kwargs["eos_token_id"] = (int(e),) if isinstance(e, int) else tuple(int(x) for x in e)
+        if kwargs.get("stop_strings") is not None:
+            stop = kwargs["stop_strings"]
+            kwargs["stop_strings"] = (stop,) if isinstance(stop, str) else tuple(stop)
         opts = dataclasses.replace(opts, **kwargs)
         opts.validate()
         return opts
@@ -63,12 +65,20 @@ class GenerationOptions:
             bad(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not all(isinstance(x, str) and x for x in self.stop_strings):
+            bad(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad(f"seed must be an integer, got {self.seed!r}")
+
+    def argmax_at(self, step: int) -> bool:
+        """Whether step `step`'s token is the plain argmax of the raw logits (greedy, nothing to process)."""
+        return not self.do_sample and self.repetition_penalty == 1.0 and step >= self.min_new_tokens
 
 
 def _from_generation_config(gc) -> dict:
     out = {}
     for name in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                 "repetition_penalty", "eos_token_id"):
+                 "repetition_penalty", "eos_token_id", "stop_strings"):
         v = getattr(gc, name, None)
         if v is not None:
             out[name] = v
@@ -105,95 +115,3 @@ def choose(logits: torch.Tensor, opts: GenerationOptions, generator: torch.Gener
     if not opts.do_sample:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-@dataclass
-class Step:
-    """One decode step of a batch: each active row's new token (and raw logits when asked for)."""
-
-    index: int
-    tokens: list[int]  # per row; meaningless for rows already finished
-    finished: list[bool]  # per row, after this step
-    logits: torch.Tensor | None
-    time: float
-
-
-def prefill_groups(input_ids: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[list[int]]:
-    """Rows that can be prefilled together without padding: same length and same adapter (in first-seen order)."""
-    groups: dict[tuple[int, str | None], list[int]] = {}
-    for i, (ids, adapter) in enumerate(zip(input_ids, adapters)):
-        groups.setdefault((len(ids), adapter), []).append(i)
-    return list(groups.values())
-
-
-def run_batch(model, input_ids: Sequence[Sequence[int]], embeds_fn, adapters: Sequence[str | None],
-              opts: GenerationOptions, eos_ids: Sequence[int], pad_id: int) -> Iterator[Step]:
-    """Generate for a batch whose rows each have their own adapter; yields after every step.
-
-    Prefill runs per group of equal-length rows on one adapter (no padding is computed, and each row sees
-    exactly what it would alone); the rows' caches are then merged, left-padded and masked, and decoding runs
-    all rows together, each with its own adapter. `embeds_fn(rows, ids [k, T]) -> [k, T, D]` builds input
-    embeddings (tokens with media features scattered in) for the given row indices.
-    """
-    from .cache import PreallocatedCache
-
-    device = model.device
-    B = len(input_ids)
-    lengths = [len(x) for x in input_ids]
-    n_layers = model.config.num_hidden_layers
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    generator = None
-    if opts.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
-
-    # ---- prefill ----
-    logits = [None] * B
-    row_cache: list[tuple[object, int]] = [None] * B  # (cache, row inside it)
-    single = B == 1
-    for rows in prefill_groups(input_ids, adapters):
-        ids = torch.tensor([input_ids[i] for i in rows], dtype=torch.long, device=device)
-        k, T = ids.shape
-        cache = PreallocatedCache(n_layers, T + (opts.max_new_tokens if single else 0))
-        model.set_row_adapters([adapters[rows[0]]] * k)
-        pos = torch.arange(T, device=device).expand(k, T)
-        hidden = model.decode(embeds_fn(rows, ids), torch.ones_like(ids), pos, cache)
-        last = model.logits(hidden[:, -1])  # [k, V]
-        for j, i in enumerate(rows):
-            logits[i] = last[j]
-            row_cache[i] = (cache, j)
-    logits = torch.stack(logits)
-    if single:
-        cache = row_cache[0][0]
-    else:
-        cache = PreallocatedCache.from_rows([c for c, _ in row_cache], [j for _, j in row_cache], lengths,
-                                            extra=opts.max_new_tokens)
-    T = max(lengths)
-    mask = torch.zeros((B, T + opts.max_new_tokens), dtype=torch.long, device=device)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:T] = 1
-    next_pos = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]  # [B, 1]
-
-    # ---- decode ----
-    model.set_row_adapters(adapters)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    generated = torch.empty((B, 0), dtype=torch.long, device=device)
-    try:
-        for step in range(opts.max_new_tokens):
-            raw = logits.float()
-            scores = process_logits(raw, generated, step, opts, eos)
-            tokens = choose(scores, opts, generator)
-            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-            generated = torch.cat([generated, tokens[:, None]], dim=1)
-            finished = finished | torch.isin(tokens, eos)
-            done = bool(finished.all()) or step == opts.max_new_tokens - 1
-            yield Step(step, tokens.tolist(), finished.tolist(), raw if opts.output_logits else None,
-                       time.perf_counter())
-            if done:
-                break
-            mask[:, T + step] = 1
-            hidden = model.decode(model.embed_tokens(tokens[:, None]), mask[:, : T + step + 1], next_pos, cache)
-            logits = model.logits(hidden[:, -1])
-            next_pos = next_pos + 1
-    finally:
-        model.rows.clear()

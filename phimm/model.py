@@ -15,10 +15,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters import AdapterDataError, LoraAdapter, LoraLinear, RowAdapters, find_targets, wrap_targets
+from adapters import NO_ADAPTER, AdapterDataError, LoraAdapter, LoraLinear, RowAdapters, find_targets, wrap_targets
 from routers import AudioProjector
 
-from .errors import AdapterError, RouteError, UnknownAdapterError
+from .errors import AdapterError, PlaceholderError, RouteError, UnknownAdapterError
+
+def _cache_kwarg() -> str:
+    """The decoder's name for its cache argument: `cache` from transformers 5.24 (`past_key_values` is then
+    deprecated and warns), `past_key_values` before."""
+    import inspect
+
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalModel
+
+    return "cache" if "cache" in inspect.signature(Phi4MultimodalModel.forward).parameters else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
 
 # Phi-4-multimodal's LoRA targets: the four projections of every decoder layer.
 PHI4MM_LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj))"
@@ -130,7 +142,6 @@ class Phi4MMComposition(nn.Module):
         self.hf = hf_model
         self.config = hf_model.config
         self.lora_targets = lora_targets
-        self.rows = RowAdapters()
         self.adapter_names: list[str] = []
         self.adapter_info: dict[str, LoraAdapter] = {}
         self._targets: dict[str, LoraLinear] = {}
@@ -174,22 +185,21 @@ class Phi4MMComposition(nn.Module):
             adapter.validate(modules)
         except AdapterDataError as e:
             raise AdapterError(str(e)) from e
-        self._targets.update(wrap_targets(self.hf, adapter.weights.keys(), self.rows))
+        self._targets.update(wrap_targets(self.hf, adapter.weights.keys()))
         index = len(self.adapter_names)
         for path, (a, b) in adapter.weights.items():
             self._targets[path].set_adapter_weights(index, a, b, adapter.scale)
         self.adapter_names.append(adapter.name)
         self.adapter_info[adapter.name] = adapter
-        self.rows.ranks.append(adapter.r)
-        self.rows.scales.append(adapter.scale)
-        for mod in self._targets.values():
-            mod._stacked = None
 
     def adapter_index(self, name: str | None) -> int | None:
         return None if name is None else self.adapter_names.index(name)
 
-    def set_row_adapters(self, names: Sequence[str | None]) -> None:
-        self.rows.set([self.adapter_index(n) for n in names], device=self.device, dtype=self.dtype)
+    def row_adapters(self, names: Sequence[str | None]) -> RowAdapters:
+        """The per-row adapter argument of one forward: `names[i]` is row i's adapter (None: the base alone)."""
+        info = [self.adapter_info[n] for n in self.adapter_names]
+        return RowAdapters.for_rows([self.adapter_index(n) for n in names], [a.r for a in info],
+                                    [a.scale for a in info], device=self.device, dtype=self.dtype)
 
     def export_adapter(self, name: str) -> LoraAdapter:
         """The adapter as loaded (its original tensors), for saving."""
@@ -199,16 +209,18 @@ class Phi4MMComposition(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
 
-    def image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+    def image_features(self, images: Sequence[ImageInput], rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
         """`[num_tokens, hidden]` LM embeddings for each image: all crops of all images through SigLIP in one
         call (crops are independent, so no padding crops are computed), then each image's HD layout — sub-crop
         grid with a separator per row, the global separator, the global crop with a separator per row — and the
-        projector, as transformers' `Phi4MultimodalImageEmbedding` lays them out."""
-        keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size, self.rows.uniform)
+        projector, as transformers' `Phi4MultimodalImageEmbedding` lays them out. `rows`: one adapter for all
+        (it matters only where an adapter targets the encoder)."""
+        keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size, rows.uniform)
                 for img in images]
         cached = [self.feature_cache.get(k) for k in keys]
         todo = [img for img, c in zip(images, cached) if c is None]
-        fresh = iter(self._image_features(todo) if todo else [])
+        with rows.active():
+            fresh = iter(self._image_features(todo) if todo else [])
         out = []
         for k, c in zip(keys, cached):
             if c is None:
@@ -248,9 +260,10 @@ class Phi4MMComposition(nn.Module):
             out.append(proj)
         return out
 
-    def audio_features(self, audio: AudioInput, projector: AudioProjector) -> torch.Tensor:
+    def audio_features(self, audio: AudioInput, projector: AudioProjector,
+                       rows: RowAdapters = NO_ADAPTER) -> torch.Tensor:
         """`[num_tokens, hidden]` LM embeddings of one clip through the chosen projector."""
-        key = self.feature_cache.key(audio.features, projector.value, self.rows.uniform)
+        key = self.feature_cache.key(audio.features, projector.value, rows.uniform)
         hit = self.feature_cache.get(key)
         if hit is not None:
             return hit
@@ -259,27 +272,58 @@ class Phi4MMComposition(nn.Module):
         ids = torch.full((1, n), self.audio_token_id, device=self.device)
         zeros = torch.zeros(1, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
         mode = "speech" if projector is AudioProjector.SPEECH else "vision"
-        out = emb(
-            ids,
-            zeros,
-            audio_input_features=audio.features.unsqueeze(0).to(self.device),
-            audio_embed_sizes=torch.tensor([n], device=self.device),
-            audio_attention_mask=None,
-            audio_projection_mode=mode,
-        )
+        with rows.active():
+            out = emb(
+                ids,
+                zeros,
+                audio_input_features=audio.features.unsqueeze(0).to(self.device),
+                audio_embed_sizes=torch.tensor([n], device=self.device),
+                audio_attention_mask=None,
+                audio_projection_mode=mode,
+            )
         self.feature_cache.put(key, out[0])
         return out[0]
 
+    def embed_inputs(self, input_ids: torch.Tensor, media: Sequence[tuple[Sequence[ImageInput],
+                     Sequence[AudioInput], AudioProjector | None]], rows: RowAdapters = NO_ADAPTER) -> torch.Tensor:
+        """`[k, T, D]` input embeddings of `k` rows of token ids `[k, T]`, with each row's media features put
+        where its placeholder tokens are. `media[j]`: row j's (images, audios, audio projector). All images of
+        all rows go through the vision encoder in one call. Raises `PlaceholderError` when a row's placeholder
+        count differs from its features' rows."""
+        emb = self.embed_tokens(input_ids)  # [k, T, D]
+        images = [img for imgs, _, _ in media for img in imgs]
+        image_feats = iter(self.image_features(images, rows)) if images else None
+        for j, (imgs, auds, projector) in enumerate(media):
+            for kind, token_id, items in (("image", self.image_token_id, imgs), ("audio", self.audio_token_id, auds)):
+                if not items:
+                    continue
+                if kind == "image":
+                    feats = torch.cat([next(image_feats) for _ in items])
+                else:
+                    if projector is None:
+                        raise RouteError("a row with audio needs an audio projector in its route")
+                    feats = torch.cat([self.audio_features(a, projector, rows) for a in items])
+                where = input_ids[j] == token_id
+                n = int(where.sum())
+                if n != feats.shape[0]:
+                    raise PlaceholderError(f"row {j} has {n} {kind} placeholder tokens but its {len(items)} "
+                                           f"{kind}(s) give {feats.shape[0]} feature rows")
+                emb[j, where] = feats.to(emb.dtype)
+        return emb
+
     # ---- decoder -------------------------------------------------------------------------------------------
-    def decode(self, inputs_embeds, attention_mask, position_ids, cache) -> torch.Tensor:
-        """Run the frozen decoder (LoRA per row as set by `set_row_adapters`); returns last hidden states."""
-        out = self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
+    def decode(self, inputs_embeds, attention_mask, position_ids, cache, rows: RowAdapters = NO_ADAPTER
+               ) -> torch.Tensor:
+        """Run the frozen decoder with each row's LoRA as `rows` says (`row_adapters(names)`); returns the last
+        hidden states `[B, T, D]`."""
+        with rows.active():
+            out = self.decoder(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{_CACHE_KWARG: cache},
+            )
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

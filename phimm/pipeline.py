@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ from routers import Route, resolve_router
 
 from . import checkpoint
 from .errors import CheckpointError, PhimmError, PromptError, RouteError, UnknownAdapterError
-from .generation import GenerationOptions, run_batch
+from .engine import Engine, EngineLimits, RequestStream
+from .generation import GenerationOptions
 from .model import Phi4MMComposition
 from .processor import Prepared, Processor
 from .types import Output, Request
@@ -48,11 +51,14 @@ class Pipeline:
 
     `pipe(x, **generation)`: `x` is a prompt string or a `Request` (-> `Output`, raises on bad input), or a list
     of them (-> list of `Output`, run as one batch; a bad row gets `Output.error` and the others run).
-    `pipe.stream(x, **generation)` yields text pieces as they are generated.
+    `pipe.stream(x, **generation)` yields text pieces as they are generated. Every call goes through one
+    continuous-batching `Engine`: calls from several threads (`pipe.submit`, `await pipe.generate`) share its
+    decode steps, each row on its own route.
     """
 
     def __init__(self, model: Phi4MMComposition, processor: Processor, router=None,
-                 generation: GenerationOptions | None = None, name: str = "", meta: dict | None = None):
+                 generation: GenerationOptions | None = None, name: str = "", meta: dict | None = None,
+                 limits: EngineLimits | None = None):
         self.model = model
         self.processor = processor
         self.router = resolve_router(router)
@@ -64,8 +70,9 @@ class Pipeline:
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else processor.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
-        # one generation at a time: the per-row adapter state lives on the model's layers
-        self._lock = threading.RLock()
+        self.limits = limits or EngineLimits()
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
 
     @property
     def adapters(self) -> list[str]:
@@ -90,108 +97,81 @@ class Pipeline:
             raise RouteError(f"route {route} has no audio projector but the request has audio")
         return prepared, route
 
-    def _embeds(self, rows: Sequence[Prepared], routes: Sequence[Route]):
-        model = self.model
-
-        def embeds_fn(indices: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
-            emb = model.embed_tokens(ids)  # [k, T, D]
-            images = [img for i in indices for img in rows[i].images]
-            image_feats = iter(model.image_features(images)) if images else None
-            for j, i in enumerate(indices):
-                row, route = rows[i], routes[i]
-                if row.images:
-                    feats = torch.cat([next(image_feats) for _ in row.images])
-                    emb[j, ids[j] == model.image_token_id] = feats.to(emb.dtype)
-                if row.audios:
-                    feats = torch.cat([model.audio_features(a, route.audio_projector) for a in row.audios])
-                    emb[j, ids[j] == model.audio_token_id] = feats.to(emb.dtype)
-            return emb
-
-        return embeds_fn
-
     # ---- running -------------------------------------------------------------------------------------------
-    def _generate(self, rows: list[Prepared], routes: list[Route], opts: GenerationOptions, start: float):
-        """Yields (step, per-row token lists) while generating; returns the per-row outputs at the end."""
-        outputs = [Output(route=r, prompt_tokens=len(p.input_ids)) for p, r in zip(rows, routes)]
-        eos_ids = opts.eos_token_id or self.eos_token_ids
-        logits: list[list[torch.Tensor]] = [[] for _ in rows]
-        first = last = None
-        with torch.inference_mode():
-            steps = run_batch(self.model, [p.input_ids for p in rows], self._embeds(rows, routes),
-                              [r.adapter for r in routes], opts, eos_ids, self.pad_token_id)
-            done = [False] * len(rows)
-            for step in steps:
-                first = first or step.time
-                last = step.time
-                for i, tok in enumerate(step.tokens):
-                    if done[i]:
-                        continue
-                    if opts.output_logits:
-                        logits[i].append(step.logits[i].clone())
-                    if tok in eos_ids:
-                        outputs[i].finish_reason = "stop"
-                    else:
-                        outputs[i].token_ids.append(tok)
-                    done[i] = step.finished[i]
-                yield step, outputs
-        for i, out in enumerate(outputs):
-            out.finish_reason = out.finish_reason or "length"
-            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-            out.logits = torch.stack(logits[i]) if opts.output_logits and logits[i] else None
-            out.ttft_s = first - start if first else None
-            out.decode_s = (last - first) if first else None
-            out.total_s = time.perf_counter() - start
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine every call of this pipeline goes through (started on first use)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = Engine(self.model, self.tokenizer, limits=self.limits,
+                                          eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                                          max_context=getattr(self.model.config, "max_position_embeddings", None))
+        return self._engine
+
+    def close(self) -> None:
+        """Stop the engine's thread (a later call starts a new one)."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def open(self, x: Request | str, *, loop: asyncio.AbstractEventLoop | None = None,
+             arrival: float | None = None, **generation) -> RequestStream:
+        """Prepare, route and queue one request; returns its `RequestStream` (deltas as they come, then the
+        `Output`). With `loop`, iterate it with `async for` on that event loop. Raises a `PhimmError` on bad
+        input, before any model compute, and `QueueFullError` when the engine's queue is full."""
+        opts = GenerationOptions.from_kwargs(self.generation, **generation)
+        arrival = time.perf_counter() if arrival is None else arrival
+        prepared, route = self.prepare(x)
+        return self.engine.submit(prepared, route, opts, arrival=arrival, loop=loop)
+
+    def submit(self, x: Request | str, **generation) -> Future:
+        """Thread-safe: queue one request and return a `concurrent.futures.Future` of its `Output`. Bad input
+        raises here, before any work."""
+        opts = GenerationOptions.from_kwargs(self.generation, **generation)
+        start = time.perf_counter()
+        prepared, route = self.prepare(x)
+        return self.engine.submit(prepared, route, opts, arrival=start, events=False).future
+
+    async def generate(self, x: Request | str, **generation) -> Output:
+        """The `Output` of one request, awaited (many callers' requests share the engine's decode steps)."""
+        return await asyncio.wrap_future(self.submit(x, **generation))
 
     def __call__(self, x: Request | str | Sequence[Request | str], **generation) -> Output | list[Output]:
         opts = GenerationOptions.from_kwargs(self.generation, **generation)
         start = time.perf_counter()
         if isinstance(x, (str, Request)):
             prepared, route = self.prepare(x)
-            outs = self._run([prepared], [route], opts, start)
-            return outs[0]
+            out = self.engine.submit(prepared, route, opts, arrival=start, events=False).result()
+            if out.error is not None:
+                raise out.error
+            return out
         if not isinstance(x, (list, tuple)):
             raise PromptError(f"expected a prompt, a phimm.Request or a list of them, got {type(x).__name__}")
         results: list[Output | None] = [None] * len(x)
-        rows, routes, where = [], [], []
+        items, where = [], []
         for i, req in enumerate(x):
             try:
                 prepared, route = self.prepare(req)
+                self.engine.check_fits(len(prepared.input_ids), opts.max_new_tokens)
             except PhimmError as e:
                 results[i] = Output(error=e, finish_reason="error")
                 continue
-            rows.append(prepared)
-            routes.append(route)
+            items.append((prepared, route, opts))
             where.append(i)
-        if rows:
-            for i, out in zip(where, self._run(rows, routes, opts, start)):
-                results[i] = out
+        # in slices the queue can take: a batch larger than it waits for room instead of failing
+        step = self.engine.limits.max_waiting
+        for lo in range(0, len(items), step):
+            streams = self.engine.submit_many(items[lo:lo + step], arrival=start, events=False)
+            for i, stream in zip(where[lo:lo + step], streams):
+                results[i] = stream.result()
         return results
 
-    def _run(self, rows, routes, opts, start) -> list[Output]:
-        with self._lock:
-            outputs = None
-            for _, outputs in self._generate(rows, routes, opts, start):
-                pass
-            return outputs
-
-    def stream(self, x: Request | str, **generation) -> Iterator[str]:
-        """Yield the answer's text piece by piece as tokens are generated (one request)."""
-        opts = GenerationOptions.from_kwargs(self.generation, **generation)
-        start = time.perf_counter()
-        prepared, route = self.prepare(x)
-        emitted = ""
-        outputs = None
-        with self._lock:
-            for _, outputs in self._generate([prepared], [route], opts, start):
-                text = self.tokenizer.decode(outputs[0].token_ids, skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # a multi-byte character is not complete yet
-                if len(text) > len(emitted) and text.startswith(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
-        final = outputs[0].text if outputs else ""
-        if len(final) > len(emitted) and final.startswith(emitted):
-            yield final[len(emitted):]  # whatever an incomplete character held back
+    def stream(self, x: Request | str, **generation) -> "TextStream":
+        """The answer's text piece by piece as tokens are generated (one request). The returned iterator also
+        carries `.route` (known before the first piece) and, once it is exhausted, `.output`; closing it early
+        cancels the request."""
+        return TextStream(self.open(x, **generation))
 
     # ---- saving --------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
@@ -213,17 +193,52 @@ class Pipeline:
         (path / checkpoint.PHIMM_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+class TextStream:
+    """`pipe.stream(...)`'s iterator: text pieces; `.route` at once, `.output` once it is exhausted."""
+
+    def __init__(self, stream: RequestStream):
+        self._stream = stream
+        self._deltas = iter(stream)
+        self.route = stream.route
+
+    @property
+    def output(self) -> Output | None:
+        return self._stream.output
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        for delta in self._deltas:
+            if delta.output is not None and delta.output.error is not None:
+                raise delta.output.error
+            if delta.text:
+                return delta.text
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop listening; the request is cancelled if it is still running."""
+        self._stream.cancel()
+
+    def __del__(self):
+        stream = getattr(self, "_stream", None)
+        if stream is not None and stream.output is None:
+            stream.cancel()
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype="float32", router=None, *,
          threads: int | None = None, device_map=None, allow_pickle: bool = False, adapters=None,
-         quantize: str | None = None, pack_weights: bool | None = None, **generation) -> Pipeline:
+         quantize: str | None = None, pack_weights: bool | None = None, limits: EngineLimits | None = None,
+         **generation) -> Pipeline:
     """Load a checkpoint (transformers-native or original Phi-4-multimodal layout, or phimm's own) into a
     `Pipeline`. `path=None` loads the embedded default model. `router`: a callable or class mapping a
     `RouteInput` to a `Route` (default: the modality table). `adapters`: names to attach (default: all the
     checkpoint has; `[]` for the base model alone). `quantize="int8"` stores the base decoder's projections and
     output head in int8 (adapters stay in full precision). `pack_weights` (default: on for bfloat16 on CPU)
     re-lays the decoder's weights out for oneDNN's matmul, which reads them faster when decoding, each layer on
-    its first forward (loading reads no weights); a packed pipeline cannot be saved. Extra keyword arguments set
-    generation defaults."""
+    its first forward (loading reads no weights); a packed pipeline cannot be saved. `limits`: the serving
+    engine's `EngineLimits` (running rows, queue, KV-cache budget). Extra keyword arguments set generation
+    defaults."""
     torch.set_num_threads(threads or default_threads())
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():
@@ -256,4 +271,4 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     gen_defaults.update(generation)
     opts = GenerationOptions.from_kwargs(None, **gen_defaults)
     name = "embedded" if path == EMBEDDED_DIR else str(path)
-    return Pipeline(model, processor, router=router, generation=opts, name=name, meta=loaded.meta)
+    return Pipeline(model, processor, router=router, generation=opts, name=name, meta=loaded.meta, limits=limits)

@@ -133,7 +133,7 @@ def pack_weights(model, lazy: bool = True) -> int:
     from .model import PHI4MM_LORA_TARGETS
 
     paths = list(find_targets(model.hf, PHI4MM_LORA_TARGETS))  # paths only: the originals must not stay alive
-    wrapped = wrap_targets(model.hf, paths, model.rows)
+    wrapped = wrap_targets(model.hf, paths)
     n = sum(mod.pack(lazy=lazy) for mod in wrapped.values())
     head = model.hf.lm_head
     if type(head) is nn.Linear and head.weight.numel() * head.weight.element_size() <= HEAD_PACK_LIMIT:

@@ -13,23 +13,24 @@ from adapters import (AdapterDataError, LoraAdapter, LoraLinear, RowAdapters, lo
 def _setup(dtype=torch.float32):
     torch.manual_seed(0)
     base = nn.Linear(16, 12, bias=True).to(dtype)
-    rows = RowAdapters()
-    lin = LoraLinear(base, rows)
+    lin = LoraLinear(base)
     adapters = [LoraAdapter("a", 4, 8.0, {"x": (torch.randn(4, 16), torch.randn(12, 4))}),
                 LoraAdapter("b", 3, 3.0, {"x": (torch.randn(3, 16), torch.randn(12, 3))})]
     for i, ad in enumerate(adapters):
         a, b = ad.weights["x"]
         lin.set_adapter_weights(i, a, b, ad.scale)
-        rows.ranks.append(ad.r)
-        rows.scales.append(ad.scale)
+
+    def rows(row_adapter):  # the per-forward argument for these two adapters
+        return RowAdapters.for_rows(row_adapter, [ad.r for ad in adapters], [ad.scale for ad in adapters],
+                                    dtype=dtype)
+
     return base, lin, rows, adapters
 
 
 def test_each_row_gets_its_own_adapter():
     base, lin, rows, adapters = _setup()
     x = torch.randn(3, 5, 16)
-    rows.set([0, None, 1])
-    out = lin(x)
+    out = lin(x, rows([0, None, 1]))
     ref_base = base(x)
     for i, ad in ((0, adapters[0]), (2, adapters[1])):
         a, b = ad.weights["x"]
@@ -41,13 +42,14 @@ def test_each_row_gets_its_own_adapter():
 def test_uniform_batch_matches_mixed_rows():
     _, lin, rows, _ = _setup()
     x = torch.randn(2, 4, 16)
-    rows.set([1, 1])
-    uniform = lin(x)
-    rows.set([1, 0])
-    mixed = lin(x)
+    uniform = lin(x, rows([1, 1]))
+    mixed = lin(x, rows([1, 0]))
     assert torch.allclose(uniform[0], mixed[0], atol=1e-6)
     assert not torch.allclose(uniform[1], mixed[1], atol=1e-3)  # B != 0: the adapters differ
-    rows.clear()
+    assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))  # no rows given: the base alone
+    # the argument reaches layers through the forward's context, never through state left on the layer
+    with rows([1, 0]).active():
+        assert torch.equal(lin(x), mixed)
     assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
 
 
@@ -57,16 +59,13 @@ def test_merge_arithmetic():
     a, b = adapters[0].weights["x"]
     assert torch.allclose(w, lin.weight + b @ a * 2.0, atol=1e-6)
     x = torch.randn(7, 16)
-    rows = lin.rows
-    rows.set([0] * 7)
-    assert torch.allclose(nn.functional.linear(x, w, lin.bias), lin(x), atol=1e-5)
+    assert torch.allclose(nn.functional.linear(x, w, lin.bias), lin(x, _setup()[2]([0] * 7)), atol=1e-5)
 
 
 def test_bf16_adapters_stay_in_compute_dtype():
     _, lin, rows, _ = _setup(torch.bfloat16)
     assert lin.lora_a[0].dtype == torch.bfloat16
-    rows.set([0, 1])
-    assert lin(torch.randn(2, 3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert lin(torch.randn(2, 3, 16, dtype=torch.bfloat16), rows([0, 1])).dtype == torch.bfloat16
 
 
 def test_peft_folder_round_trip_and_peft_reads_it(tmp_path):
@@ -99,7 +98,7 @@ def test_validation_names_the_problem():
     unknown = LoraAdapter("v", 2, 2.0, {"nope": (torch.randn(2, 8), torch.randn(6, 2))})
     with pytest.raises(AdapterDataError, match="not in the base model"):
         unknown.validate({"proj": model.proj})
-    wrapped = wrap_targets(model, ["proj"], RowAdapters())
+    wrapped = wrap_targets(model, ["proj"])
     assert isinstance(model.proj, LoraLinear) and wrapped["proj"] is model.proj
     assert set(dict(model.state_dict())) == {"proj.weight", "proj.bias"}  # names unchanged
 

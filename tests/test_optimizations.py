@@ -94,7 +94,7 @@ def test_feature_cache_returns_what_the_encoder_would(tiny_ckpt):
 def test_grouped_prefill_rows_equal_alone(tiny_pipe):
     # equal-length text rows on one adapter are prefilled together, image rows with another adapter apart
     reqs = [phimm.Request(prompt=f"hello number {d}") for d in "123"] + [_reqs()[1]]
-    from phimm.generation import prefill_groups
+    from phimm.engine import prefill_groups
 
     prepared = [tiny_pipe.prepare(r) for r in reqs]
     groups = prefill_groups([p.input_ids for p, _ in prepared], [r.adapter for _, r in prepared])

@@ -1,0 +1,494 @@
+"""The serving engine: iteration-level (continuous) batching, every row on its own route.
+
+One thread loops over steps. Each step:
+
+- admit: waiting requests, first come first served, while the limits allow (running rows, KV-cache budget,
+  prompt tokens per step);
+- prefill: the admitted rows in groups of equal length and one adapter (no padding is computed; each row sees
+  exactly what it would alone), media features merged in by the model; each row's first token is chosen;
+- join: prefilled rows enter the running batch's cache (`BatchCache`);
+- decode: one forward for all running rows, each row's adapter passed with it (`RowAdapters`), one token each;
+- leave: finished, cancelled and failed rows leave the batch at once and their cache space is freed.
+
+The engine owns scheduling and the KV cache; the model computes; callers (the `Pipeline`, the server) own the
+requests. Everything is on `model.device`, so the same loop runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from routers import Route
+
+from .cache import BatchCache, PreallocatedCache
+from .errors import (ContextLengthError, EngineClosedError, EngineError, GenerationConfigError, PhimmError,
+                     QueueFullError)
+from .generation import GenerationOptions, choose, process_logits
+from .processor import Prepared
+from .types import Output
+
+log = logging.getLogger("phimm.engine")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine's limits. A request that does not fit now waits; one that could never fit is refused."""
+
+    max_running: int = 16  # rows decoding together
+    max_waiting: int = 256  # requests queued for a place; beyond it `submit` raises QueueFullError
+    kv_budget_tokens: int = 65536  # cache positions (rows x padded width) the running batch may reach
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (a longer prompt is prefilled alone)
+
+    def __post_init__(self):
+        for name in ("max_running", "max_waiting", "kv_budget_tokens", "max_prefill_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GenerationConfigError(f"engine limit {name} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class Delta:
+    """What one step added to a request: its new text and token ids; `output` is set on the last delta."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    time: float = 0.0
+    output: Output | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None
+
+
+class RequestStream:
+    """One request inside the engine: iterate it for its `Delta`s (`for d in s` or `async for d in s`), or
+    wait for its `Output` (`s.result()`, `await s.aresult()`, `s.future`). `cancel()` ends it at the next step.
+    Thread-safe: the engine's thread pushes, any one consumer reads."""
+
+    def __init__(self, request_id: int, route: Route, prompt_tokens: int, engine: "Engine",
+                 loop: asyncio.AbstractEventLoop | None = None, events: bool = True):
+        self.id = request_id
+        self.route = route
+        self.prompt_tokens = prompt_tokens
+        self.future: Future[Output] = Future()
+        self._engine = engine
+        self._loop = loop
+        self._events = events
+        self._queue: asyncio.Queue | collections.deque | None = None
+        self._cond = threading.Condition()
+        if events:
+            self._queue = asyncio.Queue() if loop is not None else collections.deque()
+
+    @property
+    def output(self) -> Output | None:
+        return self.future.result() if self.future.done() else None
+
+    def _push(self, delta: Delta) -> None:  # engine thread
+        if delta.output is not None and not self.future.done():
+            self.future.set_result(delta.output)
+        if not self._events:
+            return
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+            except RuntimeError:  # the consumer's event loop is gone: nobody listens any more
+                self.cancel()
+            return
+        with self._cond:
+            self._queue.append(delta)
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Stop generating for this request; it ends with finish_reason "cancelled" (no-op once finished)."""
+        if not self.future.done():
+            self._engine._cancel(self)
+
+    def __iter__(self) -> Iterator[Delta]:
+        if self._loop is not None or not self._events:
+            raise TypeError("this stream is consumed with `async for` (or through .future)")
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                delta = self._queue.popleft()
+            yield delta
+            if delta.finished:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        if self._loop is None:
+            raise TypeError("this stream was opened without an event loop: iterate it with `for`")
+        while True:
+            delta = await self._queue.get()
+            yield delta
+            if delta.finished:
+                return
+
+    def result(self, timeout: float | None = None) -> Output:
+        return self.future.result(timeout)
+
+    async def aresult(self) -> Output:
+        return await asyncio.wrap_future(self.future)
+
+
+@dataclass
+class _Row:
+    """A request's state inside the engine."""
+
+    stream: RequestStream
+    prepared: Prepared
+    route: Route
+    opts: GenerationOptions
+    eos: tuple[int, ...]
+    arrival: float
+    generator: torch.Generator | None = None
+    sampled: list[int] = field(default_factory=list)  # every chosen token, end tokens included
+    tokens: list[int] = field(default_factory=list)  # the answer's tokens (no end token)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    emitted: str = ""
+    first_time: float | None = None
+    last_time: float | None = None
+    finish_reason: str | None = None
+    error: PhimmError | None = None
+    cancelled: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prepared.input_ids)
+
+    @property
+    def final_len(self) -> int:
+        """Cache positions the row holds at most: its prompt and every token it may generate."""
+        return self.prompt_len + self.opts.max_new_tokens
+
+
+class Engine:
+    """Continuous batching over one model. Create it through `Pipeline.engine`; `submit` prepared rows."""
+
+    def __init__(self, model, tokenizer, *, limits: EngineLimits | None = None, eos_token_ids: Sequence[int],
+                 pad_token_id: int, max_context: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits or EngineLimits()
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.max_context = max_context
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._running: list[_Row] = []
+        self._cache = BatchCache(model.config.num_hidden_layers)
+        self._row_adapters = None  # RowAdapters of the running rows, remade when they change
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._threads = torch.get_num_threads()
+        self.counters = collections.Counter()  # steps, prefills, tokens, finished by reason
+
+    # ---- callers' side (any thread) ------------------------------------------------------------------------
+    def submit(self, prepared: Prepared, route: Route, opts: GenerationOptions, *, arrival: float | None = None,
+               loop: asyncio.AbstractEventLoop | None = None, events: bool = True) -> RequestStream:
+        """Queue one prepared, routed request. Raises `ContextLengthError` if it can never fit and
+        `QueueFullError` if the queue is full, before any work."""
+        return self.submit_many([(prepared, route, opts)], arrival=arrival, loop=loop, events=events)[0]
+
+    def submit_many(self, items: Sequence[tuple[Prepared, Route, GenerationOptions]], *,
+                    arrival: float | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                    events: bool = True) -> list[RequestStream]:
+        """Queue several requests at once (they are admitted together as far as the limits allow)."""
+        arrival = time.perf_counter() if arrival is None else arrival
+        rows = []
+        for prepared, route, opts in items:
+            self.check_fits(len(prepared.input_ids), opts.max_new_tokens)
+            stream = RequestStream(next(self._ids), route, len(prepared.input_ids), self, loop, events)
+            generator = None
+            if opts.do_sample:
+                generator = torch.Generator(device=self.model.device)
+                generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+            eos = opts.eos_token_id or self.eos_token_ids
+            rows.append(_Row(stream, prepared, route, opts, tuple(eos), arrival, generator))
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed; load the model again")
+            if len(self._waiting) + len(rows) > self.limits.max_waiting:
+                raise QueueFullError(f"the queue is full ({len(self._waiting)} requests waiting, at most "
+                                     f"{self.limits.max_waiting}); retry later")
+            self._waiting.extend(rows)
+            self._start()
+            self._cond.notify_all()
+        return [r.stream for r in rows]
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise `ContextLengthError` for a request that could never run: longer than the model's context or
+        than the KV-cache budget."""
+        need = prompt_tokens + max_new_tokens
+        if self.max_context is not None and need > self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: "
+                f"{need} > the model's context of {self.max_context} tokens; shorten the prompt or ask for fewer")
+        if need > self.limits.kv_budget_tokens:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: {need} > "
+                f"the engine's KV-cache budget of {self.limits.kv_budget_tokens} tokens")
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "kv_positions": self._cache.positions, **self.counters}
+
+    def close(self) -> None:
+        """Stop the loop; requests still waiting or running end with `EngineClosedError`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _cancel(self, stream: RequestStream) -> None:
+        with self._cond:
+            for row in itertools.chain(self._waiting, self._running):
+                if row.stream is stream:
+                    row.cancelled = True
+            self._cond.notify_all()
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="phimm-engine", daemon=True)
+            self._thread.start()
+
+    # ---- the loop (engine thread) --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not self._closed and not self._waiting and not self._running:
+                            self._cond.wait()
+                        if self._closed:
+                            break
+                        cancelled = [r for r in self._waiting if r.cancelled]
+                        for r in cancelled:
+                            self._waiting.remove(r)
+                        admitted = self._admit()
+                    for r in cancelled:
+                        self._finish(r, "cancelled")
+                    self.step(admitted)
+        except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
+            log.exception("the engine loop stopped")
+            self._fail_all(EngineClosedError(f"the engine stopped on an internal error: {e!r}"))
+            raise
+        self._fail_all(EngineClosedError("the engine was closed before this request finished"))
+
+    def _fail_all(self, error: PhimmError) -> None:
+        with self._cond:
+            self._closed = True
+            rows = list(self._waiting) + self._running
+            self._waiting.clear()
+            self._running = []
+        for r in rows:
+            r.error = error
+            self._finish(r, "error")
+
+    def _admit(self) -> list[_Row]:
+        """Waiting rows that fit now, first come first served (called with the lock held)."""
+        limits = self.limits
+        admitted: list[_Row] = []
+        n_rows = len(self._running)
+        width = max((r.final_len for r in self._running), default=0)
+        prefill = 0
+        while self._waiting:
+            row = self._waiting[0]
+            new_width = max(width, row.final_len)
+            if n_rows + 1 > limits.max_running or (n_rows + 1) * new_width > limits.kv_budget_tokens:
+                break
+            if admitted and prefill + row.prompt_len > limits.max_prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+            n_rows, width, prefill = n_rows + 1, new_width, prefill + row.prompt_len
+        return admitted
+
+    def step(self, admitted: Sequence[_Row] = ()) -> None:
+        """One iteration: drop cancelled rows, prefill `admitted` and join them, decode one token for every
+        running row, drop finished rows."""
+        self._leave([r for r in self._running if r.cancelled], "cancelled")
+        joined = self._prefill(admitted)
+        if joined:
+            self._cache.add_rows([(cache, j, r.prompt_len) for r, cache, j in joined])
+            with self._cond:
+                self._running.extend(r for r, _, _ in joined)
+            self._row_adapters = None
+        # rows admitted in this step already have their first token; the others get their next one
+        if self._running:
+            self._decode()
+
+    def _prefill(self, rows: Sequence[_Row]) -> list[tuple[_Row, PreallocatedCache, int]]:
+        joined = []
+        model = self.model
+        device = model.device
+        for indices in prefill_groups([r.prepared.input_ids for r in rows], [r.route.adapter for r in rows]):
+            group = [rows[i] for i in indices]
+            T, adapter = group[0].prompt_len, group[0].route.adapter
+            try:
+                ids = torch.tensor([r.prepared.input_ids for r in group], dtype=torch.long, device=device)
+                k = len(group)
+                rows_arg = model.row_adapters([adapter] * k)
+                media = [(r.prepared.images, r.prepared.audios, r.route.audio_projector) for r in group]
+                embeds = model.embed_inputs(ids, media, rows_arg)
+                cache = PreallocatedCache(model.config.num_hidden_layers, T)
+                pos = torch.arange(T, device=device).expand(k, T)
+                hidden = model.decode(embeds, torch.ones_like(ids), pos, cache, rows_arg)
+                logits = model.logits(hidden[:, -1])  # [k, V]
+            except Exception as e:  # noqa: BLE001 - this group's rows fail, the engine serves on
+                self._fail(group, e)
+                continue
+            self.counters["prefills"] += 1
+            self.counters["prompt_tokens"] += T * len(group)
+            for j, (r, more) in enumerate(zip(group, self._choose(group, logits))):
+                if more:
+                    joined.append((r, cache, j))
+        return joined
+
+    def _decode(self) -> None:
+        model = self.model
+        device = model.device
+        running = self._running
+        try:
+            if self._row_adapters is None:
+                self._row_adapters = model.row_adapters([r.route.adapter for r in running])
+            tokens = torch.tensor([[r.sampled[-1]] for r in running], dtype=torch.long, device=device)
+            mask = self._cache.attention_mask(1, device=device)
+            pos = self._cache.next_positions(device=device)
+            hidden = model.decode(model.embed_tokens(tokens), mask, pos, self._cache, self._row_adapters)
+            self._cache.advance()
+            logits = model.logits(hidden[:, -1])  # [B, V]
+        except Exception as e:  # noqa: BLE001 - the batch's rows fail, the engine serves on
+            self._fail(list(running), e)
+            self._cache = BatchCache(model.config.num_hidden_layers)
+            with self._cond:
+                self._running = []
+            self._row_adapters = None
+            return
+        self.counters["steps"] += 1
+        more = self._choose(running, logits)
+        done = [r for r, m in zip(running, more) if not m]
+        if done:
+            self._leave(done, None)
+
+    def _leave(self, rows: Sequence[_Row], reason: str | None) -> None:
+        """Remove `rows` from the running batch (freeing their cache columns); `reason`: finish them so."""
+        if not rows:
+            return
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self._running) if id(r) not in gone]
+        self._cache.keep_rows(keep)
+        with self._cond:
+            self._running = [self._running[i] for i in keep]
+        self._row_adapters = None
+        if reason is not None:
+            for r in rows:
+                self._finish(r, reason)
+
+    def _fail(self, rows: Sequence[_Row], e: Exception) -> None:
+        if not isinstance(e, PhimmError):
+            log.exception("a forward failed for %d row(s)", len(rows))
+            e = EngineError(f"the model failed on this request: {type(e).__name__}: {e}")
+        for r in rows:
+            r.error = e
+            self._finish(r, "error")
+
+    # ---- tokens --------------------------------------------------------------------------------------------
+    def _choose(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[bool]:
+        """Choose each row's next token from its `[V]` logits, emit it; returns whether each row goes on."""
+        now = time.perf_counter()
+        tokens: list[int | None] = [None] * len(rows)
+        plain = [i for i, r in enumerate(rows) if r.opts.argmax_at(len(r.sampled))]
+        if plain:
+            idx = torch.tensor(plain, device=logits.device)
+            for i, t in zip(plain, logits.index_select(0, idx).argmax(-1).tolist()):
+                tokens[i] = t
+        for i, r in enumerate(rows):
+            if tokens[i] is None:
+                generated = torch.tensor([r.sampled], dtype=torch.long, device=logits.device)
+                eos = torch.tensor(sorted(set(r.eos)), dtype=torch.long, device=logits.device)
+                scores = process_logits(logits[i:i + 1], generated, len(r.sampled), r.opts, eos)
+                tokens[i] = int(choose(scores, r.opts, r.generator)[0])
+        return [self._emit(r, t, logits[i] if r.opts.output_logits else None, now)
+                for i, (r, t) in enumerate(zip(rows, tokens))]
+
+    def _emit(self, row: _Row, token: int, logits: torch.Tensor | None, now: float) -> bool:
+        row.sampled.append(token)
+        row.first_time = row.first_time or now
+        row.last_time = now
+        self.counters["generated_tokens"] += 1
+        if logits is not None:
+            row.logits.append(logits.float().clone())
+        reason = None
+        new_ids: list[int] = []
+        if token in row.eos:
+            reason = "stop"
+        else:
+            row.tokens.append(token)
+            new_ids = [token]
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        stops = row.opts.stop_strings
+        if stops and reason is None:
+            cut = _first_stop(text, stops, start=max(0, len(row.emitted) - max(map(len, stops))))
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+        if reason is None and len(row.sampled) >= row.opts.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            # hold back an incomplete character, and a tail that may be the start of a stop string
+            hold = max((len(s) - 1 for s in stops), default=0)
+            visible = text[: len(text) - hold] if hold else text
+            if visible.endswith("\ufffd") or not visible.startswith(row.emitted):
+                visible = row.emitted
+            delta, row.emitted = visible[len(row.emitted):], visible
+            row.stream._push(Delta(delta, new_ids, now))
+            return True
+        row.finish_reason = reason
+        delta = text[len(row.emitted):] if text.startswith(row.emitted) else ""
+        row.emitted = text
+        self._finish(row, reason, delta, new_ids)
+        return False
+
+    def _finish(self, row: _Row, reason: str, delta: str = "", new_ids: Sequence[int] = ()) -> None:
+        now = time.perf_counter()
+        out = Output(
+            text=row.emitted if row.error is None else "",
+            token_ids=list(row.tokens),
+            route=row.route,
+            logits=torch.stack(row.logits) if row.logits else None,
+            error=row.error,
+            finish_reason=reason,
+            prompt_tokens=row.prompt_len,
+            ttft_s=(row.first_time - row.arrival) if row.first_time else None,
+            decode_s=(row.last_time - row.first_time) if row.first_time else None,
+            total_s=now - row.arrival,
+        )
+        self.counters[f"finished_{reason}"] += 1
+        row.stream._push(Delta(delta, list(new_ids), now, out))
+
+
+def prefill_groups(input_ids: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[list[int]]:
+    """Rows that can be prefilled together without padding: same length and same adapter (in first-seen order)."""
+    groups: dict[tuple[int, str | None], list[int]] = {}
+    for i, (ids, adapter) in enumerate(zip(input_ids, adapters)):
+        groups.setdefault((len(ids), adapter), []).append(i)
+    return list(groups.values())
+
+
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index in `text` where the first stop string begins (searching from `start`), or None."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
