@@ -244,6 +244,11 @@ def generation_options(body: dict) -> dict[str, Any]:
         max_tokens = number("max_tokens", 1, integer=True)
     if max_tokens is not None:
         gen["max_new_tokens"] = max_tokens
+    min_tokens = number("min_tokens", 0, integer=True)  # an extension, as vLLM's: no end token before this many
+    if min_tokens:
+        if max_tokens is not None and min_tokens > max_tokens:
+            raise bad_request(f"'min_tokens' ({min_tokens}) is larger than the maximum ({max_tokens})", "min_tokens")
+        gen["min_new_tokens"] = min_tokens
     temperature = number("temperature", 0, 2)
     top_p = number("top_p", 0, 1)
     if temperature is not None and temperature > 0:
