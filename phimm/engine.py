@@ -81,6 +81,7 @@ class RequestStream:
         self.route = route
         self.prompt_tokens = prompt_tokens
         self.future: Future[Output] = Future()
+        self.cancelled = False  # asked to stop; the engine ends it at its next step
         self._engine = engine
         self._loop = loop
         self._events = events
@@ -111,7 +112,8 @@ class RequestStream:
     def cancel(self) -> None:
         """Stop generating for this request; it ends with finish_reason "cancelled" (no-op once finished)."""
         if not self.future.done():
-            self._engine._cancel(self)
+            self.cancelled = True
+            self._engine._wake()
 
     def __iter__(self) -> Iterator[Delta]:
         if self._loop is not None or not self._events:
@@ -160,7 +162,10 @@ class _Row:
     last_time: float | None = None
     finish_reason: str | None = None
     error: PhimmError | None = None
-    cancelled: bool = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stream.cancelled
 
     @property
     def prompt_len(self) -> int:
@@ -253,11 +258,8 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
-    def _cancel(self, stream: RequestStream) -> None:
+    def _wake(self) -> None:
         with self._cond:
-            for row in itertools.chain(self._waiting, self._running):
-                if row.stream is stream:
-                    row.cancelled = True
             self._cond.notify_all()
 
     def _start(self) -> None:

@@ -1,0 +1,217 @@
+"""The continuous-batching engine: row equality under staggered load on every route, rows joining and leaving,
+limits (running rows, KV budget, queue), cancellation, failures confined to their rows, and the cache layout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+import phimm
+from conftest import make_audio, make_image
+from phimm.cache import BatchCache, PreallocatedCache
+from phimm.engine import EngineLimits
+from phimm.errors import ContextLengthError, PlaceholderError, QueueFullError
+
+
+def _requests():
+    img, img2, aud, aud2 = make_image(0), make_image(1, size=(500, 260)), make_audio(0), make_audio(1, seconds=1.7)
+    return [
+        phimm.Request(prompt="hello world what color"),
+        phimm.Request(prompt="<|image|>what color is the circle", images=[img]),
+        phimm.Request(prompt="<|audio|>transcribe the audio clip", audios=[aud]),
+        phimm.Request(prompt="<|image|><|audio|>answer the spoken question", images=[img2], audios=[aud2]),
+        phimm.Request(prompt="the red square and the blue star are here"),
+        phimm.Request(prompt="<|image|>how many shapes", images=[img2]),
+        phimm.Request(prompt="<|audio|>zero one two", audios=[aud2]),
+        phimm.Request(prompt="<|image|><|audio|>what", images=[img], audios=[aud]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    p = phimm.load(tiny_ckpt, dtype="float32", threads=1)
+    yield p
+    p.close()
+
+
+def test_staggered_rows_equal_alone_on_every_route(pipe):
+    reqs = _requests()
+    budgets = [3 + (i % 5) * 2 for i in range(len(reqs) * 2)]  # rows finish at different steps
+    alone = [pipe(reqs[i % len(reqs)], max_new_tokens=n, output_logits=True) for i, n in enumerate(budgets)]
+    assert {str(o.route) for o in alone} == {"none", "vision", "speech", "vision+vision_speech"}
+    futures = []
+    for i, n in enumerate(budgets):  # arrivals staggered: rows join a batch that is already decoding
+        futures.append(pipe.submit(reqs[i % len(reqs)], max_new_tokens=n, output_logits=True))
+        time.sleep(0.002 * (i % 3))
+    for ref, fut in zip(alone, futures):
+        got = fut.result(timeout=120)
+        assert got.route == ref.route
+        assert got.token_ids == ref.token_ids
+        assert (got.logits[0] - ref.logits[0]).abs().max().item() < 1e-5  # first step's logits
+        assert (got.logits - ref.logits).abs().max().item() < 1e-4
+    stats = pipe.engine.stats()
+    assert stats["running"] == 0 and stats["kv_positions"] == 0  # every row left and freed its cache
+
+
+def test_rows_share_decode_steps(pipe):
+    reqs = _requests()[:4]
+    before = pipe.engine.stats()["steps"]
+    outs = pipe(reqs, max_new_tokens=6, min_new_tokens=6)
+    steps = pipe.engine.stats()["steps"] - before
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert steps == 5  # 4 rows x 5 decode tokens each in 5 shared forwards (the first token comes from prefill)
+
+
+def test_limits_running_rows_and_kv_budget(tiny_ckpt):
+    reqs = _requests()
+    n = len(phimm.load(tiny_ckpt).prepare(reqs[3])[0].input_ids)
+    limits = EngineLimits(max_running=3, kv_budget_tokens=2 * (n + 4) + 1)  # 2 rows of reqs[3] fit, not 3
+    p = phimm.load(tiny_ckpt, limits=limits)
+    reqs = [reqs[3]] * 5
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            s = p.engine.stats()
+            seen.append((s["running"], s["kv_positions"]))
+            time.sleep(0.001)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        outs = p(reqs, max_new_tokens=4)
+    finally:
+        stop.set()
+        t.join()
+    assert all(o.ok and len(o.token_ids) >= 1 for o in outs)  # the ones that did not fit waited, none failed
+    assert max(r for r, _ in seen) == 2  # the budget, not max_running, held the third row back
+    assert max(k for _, k in seen) <= limits.kv_budget_tokens
+    assert len({tuple(o.token_ids) for o in outs}) == 1  # and waiting changed no answer
+    with pytest.raises(ContextLengthError, match="KV-cache budget"):
+        p(reqs[3], max_new_tokens=limits.kv_budget_tokens)
+    p.close()
+
+
+def test_context_length_and_queue_limits(tiny_ckpt):
+    p = phimm.load(tiny_ckpt, limits=EngineLimits(max_running=1, max_waiting=2))
+    with pytest.raises(ContextLengthError, match="context"):
+        p("hello " * 5000, max_new_tokens=2)
+    futures = [p.submit("hello world", max_new_tokens=40, min_new_tokens=40) for _ in range(2)]
+    refused = 0
+    for _ in range(6):  # the queue holds 2 waiting requests: the rest are refused at once, not crashed
+        try:
+            futures.append(p.submit("hello world", max_new_tokens=40, min_new_tokens=40))
+        except QueueFullError as e:
+            assert "queue is full" in str(e)
+            refused += 1
+    assert refused >= 3
+    assert all(len(f.result(timeout=120).token_ids) == 40 for f in futures)
+    p.close()
+
+
+def test_cancel_frees_the_row_and_others_finish(pipe):
+    reqs = _requests()
+    long = pipe.open(reqs[1], max_new_tokens=200, min_new_tokens=200)
+    other = pipe.submit(reqs[2], max_new_tokens=8)
+    deltas = iter(long)
+    next(deltas)
+    long.cancel()
+    out = long.result(timeout=60)
+    assert out.finish_reason == "cancelled" and len(out.token_ids) < 200
+    assert other.result(timeout=60).ok
+    time.sleep(0.05)
+    assert pipe.engine.stats()["running"] == 0
+
+
+def test_a_failing_row_does_not_take_the_batch_down(pipe):
+    reqs = _requests()
+    prepared, route = pipe.prepare(reqs[1])
+    ids = list(prepared.input_ids)
+    ids.remove(pipe.model.image_token_id)  # one placeholder fewer than the image's features
+    prepared.input_ids = ids
+    opts = pipe.generation.__class__.from_kwargs(pipe.generation, max_new_tokens=4)
+    good = [pipe.submit(r, max_new_tokens=4) for r in reqs[:4]]
+    bad = pipe.engine.submit(prepared, route, opts)
+    out = bad.result(timeout=60)
+    assert isinstance(out.error, PlaceholderError) and out.finish_reason == "error" and out.text == ""
+    assert all(f.result(timeout=60).ok for f in good)
+    assert pipe(reqs[0], max_new_tokens=2).ok  # and the engine serves on
+
+
+def test_stream_carries_route_and_output(pipe):
+    req = _requests()[3]
+    ref = pipe(req, max_new_tokens=6)
+    stream = pipe.stream(req, max_new_tokens=6)
+    assert str(stream.route) == "vision+vision_speech"  # known before the first piece
+    text = "".join(stream)
+    assert stream.output is not None and stream.output.token_ids == ref.token_ids
+    assert text == ref.text == stream.output.text
+
+
+def test_async_generate_shares_the_engine(pipe):
+    reqs = _requests()
+
+    async def main():
+        return await asyncio.gather(*(pipe.generate(r, max_new_tokens=5) for r in reqs))
+
+    outs = asyncio.run(main())
+    for r, o in zip(reqs, outs):
+        assert o.token_ids == pipe(r, max_new_tokens=5).token_ids
+
+
+def test_stop_strings_end_the_answer(embedded_pipe):
+    req = phimm.Request(messages=[{"role": "user", "content": [
+        {"type": "audio", "audio": "demo/examples/digits_four_seven_one_nine.wav"},
+        {"type": "text", "text": "Transcribe the audio clip into text."}]}])
+    full = embedded_pipe(req, max_new_tokens=12)
+    assert full.text == "four seven one nine"
+    cut = embedded_pipe(req, max_new_tokens=12, stop_strings=["ne", "xyz"])  # "ne" ends inside "one"
+    assert cut.finish_reason == "stop" and cut.text == "four seven o"
+    pieces = list(embedded_pipe.stream(req, max_new_tokens=12, stop_strings=["ne"]))
+    assert "".join(pieces) == "four seven o"  # a stream never shows text past the stop
+
+
+@pytest.fixture(scope="module")
+def embedded_pipe():
+    p = phimm.load(threads=1)
+    yield p
+    p.close()
+
+
+def test_batch_cache_joins_and_leaves_right_aligned():
+    torch.manual_seed(0)
+    H, D = 2, 4
+
+    def prefilled(n_rows, T):
+        c = PreallocatedCache(1, T)
+        c.layers[0].update(torch.randn(n_rows, H, T, D), torch.randn(n_rows, H, T, D))
+        return c
+
+    a, b = prefilled(1, 5), prefilled(2, 3)
+    batch = BatchCache(1)
+    batch.add_rows([(a, 0, 5)])
+    batch.add_rows([(b, 0, 3), (b, 1, 3)])
+    assert batch.lengths == [5, 3, 3] and batch.width == 5
+    keys = batch.layers[0].keys
+    assert torch.equal(keys[0], a.layers[0].keys[0])
+    assert torch.equal(keys[1, :, 2:], b.layers[0].keys[0]) and keys[1, :, :2].abs().sum() == 0
+    mask = batch.attention_mask(1)
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert batch.next_positions().flatten().tolist() == [5, 3, 3]
+    new = torch.randn(3, H, 1, D)
+    batch.layers[0].update(new, new)
+    batch.advance()
+    batch.keep_rows([2, 1])  # the longest row leaves: the columns only it used go too
+    assert batch.lengths == [4, 4] and batch.width == 4
+    assert torch.equal(batch.layers[0].keys[0, :, :3], b.layers[0].keys[1])
+    assert torch.equal(batch.layers[0].keys[0, :, 3:], new[2])
+    longer = prefilled(1, 9)
+    batch.add_rows([(longer, 0, 9)])  # a longer row joins: the others shift right
+    assert batch.width == 9 and torch.equal(batch.layers[0].keys[0, :, 5:8], b.layers[0].keys[1])
+    batch.keep_rows([])
+    assert batch.rows == 0 and batch.positions == 0
