@@ -5,7 +5,7 @@ __phimm__ = True  # marks this package as phimm's own (a different PyPI project 
 
 from .errors import AdapterDataError
 from .lora import (NO_ADAPTER, LoraAdapter, LoraLinear, RowAdapters, active_rows, find_targets, merged_weight,
-                   wrap_targets)
+                   unwrap_targets, wrap_targets)
 from .peft_io import adapter_from_state_dict, load_peft_adapter, save_peft_adapter
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "find_targets",
     "merged_weight",
     "wrap_targets",
+    "unwrap_targets",
     "adapter_from_state_dict",
     "load_peft_adapter",
     "save_peft_adapter",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,9 +32,6 @@ class LoraAdapter:
     @property
     def scale(self) -> float:
         return self.alpha / self.r
-
-    def num_parameters(self) -> int:
-        return sum(a.numel() + b.numel() for a, b in self.weights.values())
 
     def validate(self, modules: Mapping[str, nn.Linear]) -> None:
         """Check that every target exists in `modules` and every A/B fits it (shapes, rank)."""
@@ -125,13 +123,17 @@ def active_rows() -> RowAdapters:
 
 
 class LoraLinear(nn.Module):
-    """A frozen `nn.Linear` plus any number of LoRA adapters, each row of a batch with its own (or none).
+    """A frozen `nn.Linear` plus any number of LoRA adapters, each row of a batch with its own (or none). The same
+    layer serves inference and training (`add_trainable`).
 
     Keeps the base layer's parameter names (`weight`, `bias`), so the module tree's state dict is unchanged.
     Adapters are kept in the compute dtype; the scale is applied inside the GEMM. A batch on one adapter runs
     `x A^T B^T` directly; a mixed batch runs all adapters' A (stacked) in one matmul, masks each row to its own
     adapter's ranks and applies the stacked B: no Python loop over adapters. Rows without an adapter get exactly
     the base output, so text routes stay bit-identical with and without adapters loaded.
+
+    The base weight may live in another format (re-laid out, quantized: `set_base_format`): any callable
+    `fmt(x) -> x W^T + b` with an `nbytes` attribute. This module only calls it; it knows no kernel library.
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -140,13 +142,13 @@ class LoraLinear(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.int8 = None  # a quantized stand-in for `weight` (phimm.quant), or None
-        self.packed = None  # `weight` in oneDNN's blocked layout (see `pack`), or None
-        self.pack_pending = False  # `pack(lazy=True)` was called: pack on the first forward
+        self.base_format = None  # a stand-in for `weight` in another format, or None for the plain weight
         self.compute_dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        self._device = base.weight.device
         self.lora_a: list[torch.Tensor | None] = []  # per adapter index: [r, in]
         self.lora_b: list[torch.Tensor | None] = []  # per adapter index: [out, r]
         self.lora_scale: list[float] = []
+        self.trainable: int | None = None  # index of the adapter held as parameters (`lora_A`, `lora_B`)
         self._stacked: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (ranks, A, B)
 
     def set_adapter_weights(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
@@ -163,6 +165,22 @@ class LoraLinear(nn.Module):
         self.lora_a[index] = a.detach().to(device=dev, dtype=dt).contiguous()
         self.lora_b[index] = b.detach().to(device=dev, dtype=dt).contiguous()
         self.lora_scale[index] = float(scale)
+
+    def add_trainable(self, r: int, alpha: float) -> int:
+        """Add an adapter to train, initialised as peft does (A random, B zero, so it starts as the base), held
+        as the parameters `lora_A` `[r, in]` and `lora_B` `[out, r]` in the default dtype; returns its index.
+        Forwards apply it where the rows' adapters say so (`RowAdapters(uniform=index)` for every row)."""
+        if self.trainable is not None:
+            raise ValueError("this layer already has a trainable adapter")
+        self.lora_A = nn.Parameter(torch.randn(r, self.in_features) / math.sqrt(self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
+        index = len(self.lora_a)
+        self.lora_a.append(self.lora_A)
+        self.lora_b.append(self.lora_B)
+        self.lora_scale.append(alpha / r)
+        self.trainable = index
+        self._stacked = None
+        return index
 
     def stacked(self, ranks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """All adapters' A `[sum r, in]` and B `[out, sum r]` side by side (zeros for adapters not targeting
@@ -185,45 +203,36 @@ class LoraLinear(nn.Module):
 
     @property
     def lora_device(self) -> torch.device:
-        return self.weight.device if self.weight is not None else torch.device("cpu")
+        return self.weight.device if self.weight is not None else self._device
 
-    def pack(self, lazy: bool = False) -> bool:
-        """Re-lay the (bf16, CPU) base weight out for oneDNN's matmul, which reads it 1.3-1.5x faster at decode
-        batch sizes; the plain weight is dropped (no second copy). Returns False where it does not apply.
-        `lazy`: only mark the layer, and pack it on its first forward: loading then reads no weights (a
-        memory-mapped checkpoint stays on disk until a request needs it), as a plain load does."""
-        w = self.weight
-        if w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-            return False
-        if lazy:
-            self.pack_pending = True
-            return True
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+    def set_base_format(self, fmt) -> None:
+        """Run the base through `fmt` (callable `x -> x W^T + b`, made from this layer's weight and bias) instead
+        of the plain weight, which this layer then drops (no second copy); adapters stay as they are."""
+        self.base_format = fmt
         self.weight = None
-        self.pack_pending = False
-        return True
 
-    def quantize_base(self, quantized) -> None:
-        """Replace the base weight by a quantized stand-in (callable on x); adapters stay as they are."""
-        self.int8 = quantized
-        self.weight = None
+    @property
+    def base_nbytes(self) -> int:
+        """Bytes of the base weight as a forward reads it (in its format)."""
+        if self.base_format is not None:
+            return int(self.base_format.nbytes)
+        return self.weight.numel() * self.weight.element_size()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self.weight is not None and self.weight.is_floating_point():
             self.compute_dtype = self.weight.dtype
+            self._device = self.weight.device
         self.lora_a = [None if t is None else fn(t) for t in self.lora_a]
         self.lora_b = [None if t is None else fn(t) for t in self.lora_b]
+        if self.trainable is not None:  # the parameters were converted in place of the list's entries
+            self.lora_a[self.trainable], self.lora_b[self.trainable] = self.lora_A, self.lora_B
         self._stacked = None
         return out
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pack_pending:
-            self.pack()
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.int8 is not None:
-            return self.int8(x)
+        if self.base_format is not None:
+            return self.base_format(x)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor, rows: RowAdapters | None = None) -> torch.Tensor:
@@ -234,6 +243,8 @@ class LoraLinear(nn.Module):
             i = rows.uniform
             if i < len(self.lora_a) and self.lora_a[i] is not None:
                 a, b = self.lora_a[i], self.lora_b[i]
+                if i == self.trainable:  # training: out of place, so gradients flow (the same ops with or without)
+                    return out + (x @ a.t()) @ b.t() * self.lora_scale[i]
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output
                 out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.lora_scale[i])
@@ -246,7 +257,8 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         n = sum(t is not None for t in self.lora_a)
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={n}"
+        fmt = f", base={type(self.base_format).__name__}" if self.base_format is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={n}{fmt}"
 
 
 def find_targets(model: nn.Module, targets: str | Iterable[str]) -> dict[str, nn.Module]:
@@ -272,6 +284,20 @@ def wrap_targets(model: nn.Module, paths: Iterable[str]) -> dict[str, LoraLinear
             setattr(parent, attr, mod)
         out[path] = mod
     return out
+
+
+def unwrap_targets(model: nn.Module, paths: Iterable[str]) -> None:
+    """Put a plain `nn.Linear` (the same weight and bias) back in place of each `LoraLinear` at `paths`."""
+    for path in paths:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        mod = getattr(parent, attr)
+        if isinstance(mod, LoraLinear):
+            if mod.weight is None:
+                raise ValueError(f"{path}: the base weight is in another format and cannot be unwrapped")
+            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            plain.weight, plain.bias = mod.weight, mod.bias
+            setattr(parent, attr, plain)
 
 
 def merged_weight(base: torch.Tensor, adapter: LoraAdapter, path: str) -> torch.Tensor:

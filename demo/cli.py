@@ -33,7 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .app import run  # gradio is imported here, not when `phimm` starts
+    try:
+        import gradio  # noqa: F401 - imported here, not when `phimm` starts
+    except ImportError:
+        import sys
+
+        print("phimm demo needs gradio: pip install 'phimm[demo]'", file=sys.stderr)
+        return 2
+    from .app import run
 
     return run(args)
 

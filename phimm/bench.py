@@ -267,22 +267,13 @@ def run(args) -> dict:
 
 def decode_weight_bytes(model) -> int:
     """Bytes of the weights one decode step reads: the decoder's projections, norms and the output head."""
-    from adapters import LoraLinear
-
-    from .quant import Int8Linear, PackedLinear
-
     def nbytes(t):
         return t.numel() * t.element_size()
 
     total = 0
     for mod in list(model.hf.model.layers.modules()) + [model.hf.model.norm, model.hf.lm_head]:
-        if isinstance(mod, LoraLinear):
-            total += (mod.int8.nbytes if mod.int8 is not None else
-                      nbytes(mod.packed) if mod.packed is not None else nbytes(mod.weight))
-        elif isinstance(mod, Int8Linear):
-            total += mod.int8.nbytes
-        elif isinstance(mod, PackedLinear):
-            total += nbytes(mod.packed)
+        if hasattr(mod, "base_nbytes"):  # LoraLinear / FormatLinear: the base weight in its format
+            total += mod.base_nbytes
         elif isinstance(mod, torch.nn.Linear) or hasattr(mod, "variance_epsilon"):
             total += sum(nbytes(p) for p in mod.parameters(recurse=False))
     return total
@@ -409,10 +400,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="phimm vs transformers + peft on the same random weights")
+def register(sub) -> argparse.ArgumentParser:
+    """Add `phimm bench`; returns its parser (the command line adds `phimm bench serve` under it)."""
+    p = sub.add_parser("bench", help="phimm vs transformers + peft on the same random weights "
+                                     "(`phimm bench serve`: continuous batching over HTTP)")
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
+    return p
 
 
 def main(argv=None) -> int:

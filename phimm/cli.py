@@ -1,9 +1,11 @@
-"""The `phimm` command: `phimm run`, `phimm eval`, `phimm demo`, `phimm bench`, `phimm train`."""
+"""The `phimm` command: `phimm run`, `phimm eval`, `phimm serve`, `phimm bench`, `phimm train`, and the
+subcommands other packages add through the `phimm.commands` entry points (`phimm demo`, from `demo.cli`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 
 from .errors import PhimmError
 
@@ -70,14 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.set_defaults(func=cmd_run)
 
-    for name, module in (("eval", "phimm.eval"), ("demo", "demo.cli"), ("serve", "phimm.serve.cli"),
-                         ("bench", "phimm.bench"), ("train", "phimm.train")):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
-            continue
-        if hasattr(mod, "register"):
-            mod.register(sub)
+    from . import bench, bench_serve, eval as eval_cmd, train
+    from .serve import cli as serve_cli
+
+    eval_cmd.register(sub)
+    serve_cli.register(sub)
+    bench_parser = bench.register(sub)
+    bench_serve.register(bench_parser.add_subparsers(
+        dest="mode", metavar="[serve]", help="optional: 'serve' benchmarks continuous batching over HTTP"))
+    train.register(sub)
+    for ep in entry_points(group="phimm.commands"):  # other packages' subcommands: `phimm demo` (demo.cli)
+        ep.load()(sub)
     return parser
 
 

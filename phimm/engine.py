@@ -34,8 +34,7 @@ from .cache import BatchCache, PreallocatedCache
 from .errors import (ContextLengthError, EngineClosedError, EngineError, GenerationConfigError, PhimmError,
                      QueueFullError)
 from .generation import GenerationOptions, choose, process_logits
-from .processor import Prepared
-from .types import Output
+from .types import Output, Prepared
 
 log = logging.getLogger("phimm.engine")
 
@@ -162,6 +161,7 @@ class _Row:
     last_time: float | None = None
     finish_reason: str | None = None
     error: PhimmError | None = None
+    last_delta: tuple[str, list[int]] = ("", [])  # the final step's text and token, sent with the Output
 
     @property
     def cancelled(self) -> bool:
@@ -358,6 +358,8 @@ class Engine:
             for j, (r, more) in enumerate(zip(group, self._choose(group, logits))):
                 if more:
                     joined.append((r, cache, j))
+                else:
+                    self._finish(r, r.finish_reason, *r.last_delta)
         return joined
 
     def _decode(self) -> None:
@@ -384,7 +386,9 @@ class Engine:
         more = self._choose(running, logits)
         done = [r for r, m in zip(running, more) if not m]
         if done:
-            self._leave(done, None)
+            self._leave(done, None)  # out of the batch first: a caller told "finished" finds it gone
+            for r in done:
+                self._finish(r, r.finish_reason, *r.last_delta)
 
     def _leave(self, rows: Sequence[_Row], reason: str | None) -> None:
         """Remove `rows` from the running batch (freeing their cache columns); `reason`: finish them so."""
@@ -428,6 +432,8 @@ class Engine:
                 for i, (r, t) in enumerate(zip(rows, tokens))]
 
     def _emit(self, row: _Row, token: int, logits: torch.Tensor | None, now: float) -> bool:
+        """Record a row's new token and send its text; returns False when the row is done (the caller finishes
+        it with `row.finish_reason` and `row.last_delta` once it has left the batch)."""
         row.sampled.append(token)
         row.first_time = row.first_time or now
         row.last_time = now
@@ -459,9 +465,8 @@ class Engine:
             row.stream._push(Delta(delta, new_ids, now))
             return True
         row.finish_reason = reason
-        delta = text[len(row.emitted):] if text.startswith(row.emitted) else ""
+        row.last_delta = (text[len(row.emitted):] if text.startswith(row.emitted) else "", new_ids)
         row.emitted = text
-        self._finish(row, reason, delta, new_ids)
         return False
 
     def _finish(self, row: _Row, reason: str, delta: str = "", new_ids: Sequence[int] = ()) -> None:

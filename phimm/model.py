@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from adapters import NO_ADAPTER, AdapterDataError, LoraAdapter, LoraLinear, RowA
 from routers import AudioProjector
 
 from .errors import AdapterError, PlaceholderError, RouteError, UnknownAdapterError
+from .types import AudioInput, ImageInput
 
 def _cache_kwarg() -> str:
     """The decoder's name for its cache argument: `cache` from transformers 5.24 (`past_key_values` is then
@@ -37,25 +37,6 @@ PHI4MM_LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(ga
 # What an adapter may target: any linear layer. In the decoder each batch row gets its own adapter; the encoders
 # run per prefill group, all of whose rows share one adapter, so a LoRA inside an encoder applies as peft would.
 ANY_LINEAR = r".+"
-
-
-@dataclass
-class ImageInput:
-    """One processed image: HD crops (global first), their patch masks, the padded HD size, its token count."""
-
-    pixel_values: torch.Tensor  # [crops, 3, crop, crop]: pixel crops, global first (tokens put it last)
-    attention_mask: torch.Tensor  # [crops, crop/patch, crop/patch]
-    size: tuple[int, int]  # (height, width) after the HD transform
-    num_tokens: int
-
-
-@dataclass
-class AudioInput:
-    """One processed audio clip: log-mel features and how many LM tokens the encoder makes of them."""
-
-    features: torch.Tensor  # [frames, mel]
-    num_tokens: int
-    seconds: float
 
 
 def _vision_tower(hf_model):
@@ -146,6 +127,7 @@ class Phi4MMComposition(nn.Module):
         self.adapter_info: dict[str, LoraAdapter] = {}
         self._targets: dict[str, LoraLinear] = {}
         self.feature_cache = FeatureCache()
+        self.weight_format = "dense"  # or "packed", "int8": set by phimm.quant
         _skip_unused_vision_head(hf_model)
         make_vision_attention_bidirectional(hf_model)
         for adapter in dict(adapters).values():

@@ -21,8 +21,8 @@ from .errors import CheckpointError, PhimmError, PromptError, RouteError, Unknow
 from .engine import Engine, EngineLimits, RequestStream
 from .generation import GenerationOptions
 from .model import Phi4MMComposition
-from .processor import Prepared, Processor
-from .types import Output, Request
+from .processor import Processor
+from .types import Output, Prepared, Request
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -176,7 +176,7 @@ class Pipeline:
     # ---- saving --------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """Write phimm's layout (transformers-native files + `phimm.json`); `phimm.load(path)` reads it back."""
-        if getattr(self.model, "quantized", None) or getattr(self.model, "packed", False):
+        if self.model.weight_format != "dense":
             raise CheckpointError("a quantized or packed pipeline cannot be saved: load it with quantize=None and "
                                   "pack_weights=False to save it")
         path = Path(path)

@@ -4,36 +4,22 @@ so that a row's input never depends on what else is in its batch)."""
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from routers import Route, RouteInput
+from routers import RouteInput
 
-from .errors import PlaceholderError, PromptError, UnsupportedMediaError
-from .model import AudioInput, ImageInput
+from .errors import PlaceholderError, PromptError
 from .tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, PHI4MM_CHAT_TEMPLATE
-from .types import Request
+from .types import AudioInput, ImageInput, Prepared, Request
 
 # <|image|>, <|image_3|>, <|audio|>, <|audio_1|>; the raw placeholder tokens count too.
 _PLACEHOLDER = re.compile(r"<\|(image|audio)(?:_(\d+))?\|>|" + re.escape(IMAGE_TOKEN) + "|" + re.escape(AUDIO_TOKEN))
 IMAGE_PLACEHOLDER = "<|image|>"
 AUDIO_PLACEHOLDER = "<|audio|>"
-
-
-@dataclass
-class Prepared:
-    """One request made ready for the model."""
-
-    input_ids: list[int]
-    images: list[ImageInput] = field(default_factory=list)
-    audios: list[AudioInput] = field(default_factory=list)
-    route_input: RouteInput = field(default_factory=RouteInput)
-    prompt: str = ""
 
 
 def image_token_count(attention_mask: torch.Tensor, size: tuple[int, int], crop: int, patch: int) -> int:

@@ -1,4 +1,6 @@
-"""What a user hands the pipeline (`Request`) and what comes back (`Output`)."""
+"""The types that cross module lines: what a user hands the pipeline (`Request`), what the processor makes of it
+for the model (`Prepared`, with `ImageInput` / `AudioInput`), and what comes back (`Output`). Nothing here imports
+the processor or the model, so both import from here."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Any
 
 import torch
 
-from routers import Route
+from routers import Route, RouteInput
 
 from .errors import PhimmError
 
@@ -32,6 +34,36 @@ class Request:
     images: tuple | list = ()
     audios: tuple | list = ()
     adapter: str | Route | None = None
+
+
+@dataclass
+class ImageInput:
+    """One processed image: HD crops (global first), their patch masks, the padded HD size, its token count."""
+
+    pixel_values: torch.Tensor  # [crops, 3, crop, crop]: pixel crops, global first (tokens put it last)
+    attention_mask: torch.Tensor  # [crops, crop/patch, crop/patch]
+    size: tuple[int, int]  # (height, width) after the HD transform
+    num_tokens: int
+
+
+@dataclass
+class AudioInput:
+    """One processed audio clip: log-mel features and how many LM tokens the encoder makes of them."""
+
+    features: torch.Tensor  # [frames, mel]
+    num_tokens: int
+    seconds: float
+
+
+@dataclass
+class Prepared:
+    """One request made ready for the model."""
+
+    input_ids: list[int]
+    images: list[ImageInput] = field(default_factory=list)
+    audios: list[AudioInput] = field(default_factory=list)
+    route_input: RouteInput = field(default_factory=RouteInput)
+    prompt: str = ""
 
 
 @dataclass

@@ -186,21 +186,36 @@ class _FakePipe:
         self.fail_next: Exception | None = None
         self.requests = []
 
-    def prepare(self, request):
+    def stream(self, request, **gen):
+        """As `Pipeline.stream`: routed at once (`.route`), then the pieces; closing it cancels."""
+        import time
+
         from routers import Route
 
         self.requests.append(request)
-        return None, Route("vision")
-
-    def stream(self, request, **gen):
-        import time
-
         if self.fail_next is not None:
             e, self.fail_next = self.fail_next, None
             raise e
-        for piece in self.pieces:
-            time.sleep(0.01)
-            yield piece
+
+        class _Stream:
+            route = Route("vision")
+
+            def __init__(self, pieces):
+                self._it = self._gen(pieces)
+
+            @staticmethod
+            def _gen(pieces):
+                for piece in pieces:
+                    time.sleep(0.01)
+                    yield piece
+
+            def __iter__(self):
+                return self._it
+
+            def close(self):
+                self._it.close()
+
+        return _Stream(self.pieces)
 
 
 def test_ui_streams_piece_by_piece_and_survives_internal_errors(media):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import phimm
+from phimm.quant import PackedWeight
 from conftest import make_audio, make_image
 
 
@@ -27,15 +28,15 @@ def bf16_pair(tiny_ckpt):
 def test_packed_bf16_matches_plain_bf16(bf16_pair):
     plain, packed = bf16_pair
     targets = packed.model._targets.values()
-    assert packed.model.packed
+    assert packed.model.weight_format == "packed" and plain.model.weight_format == "dense"
     for req in _reqs():
         a = plain(req, max_new_tokens=4, output_logits=True)
         b = packed(req, max_new_tokens=4, output_logits=True)
         scale = a.logits[0].abs().max().item()
         assert (a.logits[0] - b.logits[0]).abs().max().item() <= 0.02 * scale + 1e-2
         assert a.token_ids[0] == b.token_ids[0]
-    assert any(m.packed is not None for m in targets)
-    assert not any(m.pack_pending for m in targets if m.packed is not None)
+    packed_layers = [m.base_format for m in targets if isinstance(m.base_format, PackedWeight)]
+    assert packed_layers and not any(f.pending for f in packed_layers)
 
 
 def test_packing_is_lazy_until_first_request(tiny_ckpt):
@@ -43,9 +44,12 @@ def test_packing_is_lazy_until_first_request(tiny_ckpt):
     first request packs the layers it runs through and drops their plain weights."""
     pipe = phimm.load(tiny_ckpt, dtype="bfloat16", pack_weights=True)
     decoder = {p: m for p, m in pipe.model._targets.items() if ".layers." in p and "embed_tokens_extend" not in p}
-    assert decoder and all(m.pack_pending and m.packed is None and m.weight is not None for m in decoder.values())
+    formats = [m.base_format for m in decoder.values()]
+    assert decoder and all(isinstance(f, PackedWeight) and f.pending and f.source is not None for f in formats)
     pipe("a red circle", max_new_tokens=1)
-    assert all(m.packed is not None and m.weight is None and not m.pack_pending for m in decoder.values())
+    # packed, and no plain copy left: neither on the layer nor in the format
+    assert all(not f.pending and f.source is None for f in formats)
+    assert all(m.weight is None for m in decoder.values())
 
 
 def test_packed_pipeline_refuses_to_save(bf16_pair, tmp_path):

@@ -8,12 +8,15 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from adapters import LoraLinear, RowAdapters, unwrap_targets, wrap_targets
 
 from ..model import PHI4MM_LORA_TARGETS
 from ..tokenizer import AUDIO_TOKEN, IMAGE_TOKEN
@@ -521,44 +524,27 @@ def noisy_frames(rng: random.Random, text: str, vocab: Vocab, word_span: tuple[i
 # ---------------------------------------------------------------- LoRA while training
 
 
-class TrainLora(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / r
-        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
-        self.enabled = True
-
-    def forward(self, x):
-        out = self.base(x)
-        if self.enabled:
-            out = out + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
-        return out
-
-
-def add_train_lora(hf, r: int, alpha: float | None = None) -> dict[str, TrainLora]:
-    """Wrap every Phi-4-multimodal LoRA target of `hf` in a trainable `TrainLora`."""
-    import re
-
+def add_train_lora(hf, r: int, alpha: float | None = None) -> dict[str, LoraLinear]:
+    """Wrap every Phi-4-multimodal LoRA target of `hf` in a `LoraLinear` with one trainable adapter (index 0;
+    A random, B zero). Forwards apply it inside `train_rows(r).active()`."""
     alpha = float(alpha if alpha is not None else 2 * r)
-    out = {}
-    for path, mod in list(hf.named_modules()):
-        if isinstance(mod, nn.Linear) and re.fullmatch(PHI4MM_LORA_TARGETS, path):
-            parent, _, attr = path.rpartition(".")
-            wrapped = TrainLora(mod, r, alpha)
-            setattr(hf.get_submodule(parent), attr, wrapped)
-            out[path] = wrapped
+    paths = [p for p, m in hf.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(PHI4MM_LORA_TARGETS, p)]
+    out = wrap_targets(hf, paths)
+    for mod in out.values():  # in module order: the random A's draw as they always did
+        mod.add_trainable(r, alpha)
     return out
 
 
-def remove_train_lora(hf, loras: dict[str, TrainLora]) -> None:
-    for path, mod in loras.items():
-        parent, _, attr = path.rpartition(".")
-        setattr(hf.get_submodule(parent), attr, mod.base)
+def train_rows(r: int) -> RowAdapters:
+    """The rows' adapters while training: every row on the trainable adapter (index 0, rank `r`)."""
+    return RowAdapters(uniform=0, ranks=(r,))
 
 
-def lora_state(loras: dict[str, TrainLora]) -> dict[str, torch.Tensor]:
+def remove_train_lora(hf, loras: dict[str, LoraLinear]) -> None:
+    unwrap_targets(hf, loras)
+
+
+def lora_state(loras: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
     out = {}
     for path, m in loras.items():
         out[f"{path}.lora_A"] = m.lora_A.detach().clone()
@@ -566,7 +552,7 @@ def lora_state(loras: dict[str, TrainLora]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_lora_state(loras: dict[str, TrainLora], sd: dict[str, torch.Tensor]) -> None:
+def load_lora_state(loras: dict[str, LoraLinear], sd: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for path, m in loras.items():
             m.lora_A.copy_(sd[f"{path}.lora_A"])

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters import NO_ADAPTER
+
 from ..toy import domain
-from .common import (Options, Vocab, add_train_lora, apply_parts, grid_tokens, lm_batch_loss, load_base,
+from .common import (Options, Vocab, add_train_lora, train_rows, apply_parts, grid_tokens, lm_batch_loss, load_base,
                      load_lora_state, setup_threads)
 
 
@@ -71,14 +73,16 @@ def probe(run_dir: Path, n: int = 150) -> dict[str, dict[str, float]]:
         return lm_batch_loss(hf, [prompt + vocab.answer(it["answer"])], [len(prompt)], embed)[1] == 1.0
 
     out = {}
+    active = NO_ADAPTER  # the base model alone until the trained route's adapter is attached
     for name, inputs in rows.items():
         if name == "trained route":
+            active = train_rows(opts.lora_r)
             lora_path = run_dir / "vision_speech" / "lora.pt"
             loras = add_train_lora(hf, opts.lora_r)
             load_lora_state(loras, torch.load(lora_path if lora_path.is_file() else run_dir / "vision" / "lora.pt",
                                               weights_only=True))
         by_type: dict[str, list[bool]] = {}
-        with torch.no_grad():
+        with torch.no_grad(), active.active():
             for (image, audio), it in zip(inputs, items):
                 by_type.setdefault(it["question_type"], []).append(right(image, audio, it))
         scores = {k: round(sum(v) / len(v), 4) for k, v in sorted(by_type.items())}

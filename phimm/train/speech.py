@@ -19,7 +19,7 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (AUDIO_EMBED, SPEECH_PROJ, WORDS, add_train_lora, apply_parts, cosine_lr, fresh_model,
+from .common import (AUDIO_EMBED, SPEECH_PROJ, WORDS, add_train_lora, train_rows, apply_parts, cosine_lr, fresh_model,
                      lm_batch_loss, load_base, loop, lora_state, Options, remove_train_lora, save_parts, set_lr,
                      Stage, stage_file, Timer, Vocab, word_labels)
 
@@ -230,43 +230,44 @@ def run_adapt(run_dir, opts: Options) -> None:
 
     # end to end: projector + speech LoRA, LM loss on transcripts
     loras = add_train_lora(hf, opts.lora_r)
-    lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
-    pparams = list(up.parameters()) + list(down.parameters())
-    opt = torch.optim.AdamW([{"params": lparams, "lr": 2e-3}, {"params": pparams, "lr": 5e-4}], weight_decay=0.0)
-    rows, n_prompt = audio_rows(encoded, vocab, domain.ASR_INSTRUCTION)
+    with train_rows(opts.lora_r).active():  # every forward below on the adapter being trained
+        lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
+        pparams = list(up.parameters()) + list(down.parameters())
+        opt = torch.optim.AdamW([{"params": lparams, "lr": 2e-3}, {"params": pparams, "lr": 5e-4}], weight_decay=0.0)
+        rows, n_prompt = audio_rows(encoded, vocab, domain.ASR_INSTRUCTION)
 
-    def batch_loss(idx):
-        feats = [encoded[i][0] for i in idx]
+        def batch_loss(idx):
+            feats = [encoded[i][0] for i in idx]
 
-        def embed_fn(ids, emb):  # every row's audio tokens through the projector at once, in row order
-            emb = emb.clone()
-            emb[ids == vocab.audio] = down(nn.functional.gelu(up(torch.cat(feats))))
-            return emb
+            def embed_fn(ids, emb):  # every row's audio tokens through the projector at once, in row order
+                emb = emb.clone()
+                emb[ids == vocab.audio] = down(nn.functional.gelu(up(torch.cat(feats))))
+                return emb
 
-        return lm_batch_loss(hf, [rows[i] for i in idx], [n_prompt[i] for i in idx], embed_fn)
+            return lm_batch_loss(hf, [rows[i] for i in idx], [n_prompt[i] for i in idx], embed_fn)
 
-    probe = list(range(min(32, len(rows))))
-    with torch.no_grad():
-        acc0 = batch_loss(probe)[1]
-    stage.log(event="e2e_start", answer_acc=round(acc0, 4))
-    rng = random.Random(f"speech-e2e:{opts.seed}")
-    plan = []
-    while len(plan) < opts.speech_e2e_steps:
-        plan += buckets([r.__len__() for r in rows], opts.e2e_batch, rng)
-    for step in loop(stage, opts.speech_e2e_steps, 0, "e2e"):
-        for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
-            g["lr"] = cosine_lr(step, opts.speech_e2e_steps, peak, warmup=10)
-        loss, acc = batch_loss(plan[step])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == opts.speech_e2e_steps - 1:
-            stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
-    with torch.no_grad():
-        acc1 = batch_loss(probe)[1]
-    stage.log(event="e2e_end", answer_acc=round(acc1, 4))
-    torch.save(lora_state(loras), stage.dir / "lora.pt")
+        probe = list(range(min(32, len(rows))))
+        with torch.no_grad():
+            acc0 = batch_loss(probe)[1]
+        stage.log(event="e2e_start", answer_acc=round(acc0, 4))
+        rng = random.Random(f"speech-e2e:{opts.seed}")
+        plan = []
+        while len(plan) < opts.speech_e2e_steps:
+            plan += buckets([r.__len__() for r in rows], opts.e2e_batch, rng)
+        for step in loop(stage, opts.speech_e2e_steps, 0, "e2e"):
+            for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
+                g["lr"] = cosine_lr(step, opts.speech_e2e_steps, peak, warmup=10)
+            loss, acc = batch_loss(plan[step])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
+            opt.step()
+            if step % 10 == 0 or step == opts.speech_e2e_steps - 1:
+                stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        with torch.no_grad():
+            acc1 = batch_loss(probe)[1]
+        stage.log(event="e2e_end", answer_acc=round(acc1, 4))
+        torch.save(lora_state(loras), stage.dir / "lora.pt")
     remove_train_lora(hf, loras)
     save_parts(hf, stage, SPEECH_PROJ)
     stage.finish(wall_s=timer(), projector_rel_mse=round(mse, 5), answer_acc_before=round(acc0, 4),

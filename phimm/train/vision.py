@@ -26,7 +26,7 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, apply_parts, cosine_lr, fresh_model,
+from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, train_rows, apply_parts, cosine_lr, fresh_model,
                      grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, lora_state, Options,
                      random_layout_scene, remove_train_lora, save_parts, set_lr, slot_grid, Stage, Timer, Vocab,
                      widen)
@@ -359,29 +359,30 @@ def run_adapt(run_dir, opts: Options) -> None:
     mse = fit_projector(ie, items, vocab, table, opts.proj_steps // 3, 16, opts.seed, stage, vocab.image)
 
     loras = add_train_lora(hf, opts.lora_r)
-    lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
-    pparams = projector_params(ie)
-    opt = torch.optim.AdamW([{"params": lparams, "lr": 2e-3}, {"params": pparams, "lr": 5e-4}], weight_decay=0.0)
-    probe = items[:32]
-    with torch.no_grad():
-        acc0 = vqa_loss(hf, ie, probe, vocab)[1]
-    stage.log(event="e2e_start", answer_acc=round(acc0, 4))
-    rng = random.Random(f"vision-e2e:{opts.seed}")
-    for step in loop(stage, opts.vision_e2e_steps, 0, "e2e"):
-        for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
-            g["lr"] = cosine_lr(step, opts.vision_e2e_steps, peak, warmup=10)
-        batch = rng.sample(items, min(opts.e2e_batch, len(items)))
-        loss, acc = vqa_loss(hf, ie, batch, vocab)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == opts.vision_e2e_steps - 1:
-            stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
-    with torch.no_grad():
-        acc1 = vqa_loss(hf, ie, probe, vocab)[1]
-    stage.log(event="e2e_end", answer_acc=round(acc1, 4))
-    torch.save(lora_state(loras), stage.dir / "lora.pt")
+    with train_rows(opts.lora_r).active():  # every forward below on the adapter being trained
+        lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
+        pparams = projector_params(ie)
+        opt = torch.optim.AdamW([{"params": lparams, "lr": 2e-3}, {"params": pparams, "lr": 5e-4}], weight_decay=0.0)
+        probe = items[:32]
+        with torch.no_grad():
+            acc0 = vqa_loss(hf, ie, probe, vocab)[1]
+        stage.log(event="e2e_start", answer_acc=round(acc0, 4))
+        rng = random.Random(f"vision-e2e:{opts.seed}")
+        for step in loop(stage, opts.vision_e2e_steps, 0, "e2e"):
+            for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
+                g["lr"] = cosine_lr(step, opts.vision_e2e_steps, peak, warmup=10)
+            batch = rng.sample(items, min(opts.e2e_batch, len(items)))
+            loss, acc = vqa_loss(hf, ie, batch, vocab)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
+            opt.step()
+            if step % 10 == 0 or step == opts.vision_e2e_steps - 1:
+                stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        with torch.no_grad():
+            acc1 = vqa_loss(hf, ie, probe, vocab)[1]
+        stage.log(event="e2e_end", answer_acc=round(acc1, 4))
+        torch.save(lora_state(loras), stage.dir / "lora.pt")
     remove_train_lora(hf, loras)
     save_parts(hf, stage, (IMAGE_EMBED + "img_projection", IMAGE_EMBED + "global_img", IMAGE_EMBED + "sub_img"))
     stage.finish(wall_s=timer(), projector_rel_mse=round(mse, 5), answer_acc_before=round(acc0, 4),

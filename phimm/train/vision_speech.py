@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..toy import domain
-from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, apply_parts, cosine_lr, lm_batch_loss,
+from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, train_rows, apply_parts, cosine_lr, lm_batch_loss,
                      load_base, load_lora_state, lora_state, loop, remove_train_lora, save_parts, stage_file)
 from .vision import cache_features, image_embeds, make_images, spoken_audio, vqa_loss
 
@@ -40,7 +40,7 @@ def run_data(run_dir, opts: Options) -> None:
 
 def load_audio(run_dir, opts: Options) -> list | None:
     """`vision_speech_data`'s clips, or None where that stage has not run (`vision_speech` makes them itself)."""
-    from ..model import AudioInput
+    from ..types import AudioInput
 
     path = stage_file(run_dir, "vision_speech_data", "audio.pt")
     if path is None:
@@ -76,62 +76,63 @@ def run(run_dir, opts: Options) -> None:
         up.load_state_dict(ae.up_proj_for_speech.state_dict())
         down.load_state_dict(ae.down_proj_for_speech.state_dict())
     loras = add_train_lora(hf, opts.lora_r)
-    load_lora_state(loras, torch.load(run_dir / "vision" / "lora.pt", weights_only=True))
-    lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
-    for m in loras.values():
-        m.requires_grad_(False)
-    params = list(up.parameters()) + list(down.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    groups = [{"params": params, "lr": 5e-4, "peak": 5e-4}]
-    written = []
-    if opts.vs_lora_lr > 0:
-        for p in lparams:
+    with train_rows(opts.lora_r).active():  # every forward below on the adapter being trained
+        load_lora_state(loras, torch.load(run_dir / "vision" / "lora.pt", weights_only=True))
+        lparams = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
+        for m in loras.values():
+            m.requires_grad_(False)
+        params = list(up.parameters()) + list(down.parameters())
+        for p in params:
             p.requires_grad_(True)
-        groups.append({"params": lparams, "lr": opts.vs_lora_lr, "peak": opts.vs_lora_lr})
-        written = make_images(proc, opts, "vqa", opts.svqa_samples, opts.seed + 77, desc="vision_speech:written")
-        cache_features(ie, written)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        groups = [{"params": params, "lr": 5e-4, "peak": 5e-4}]
+        written = []
+        if opts.vs_lora_lr > 0:
+            for p in lparams:
+                p.requires_grad_(True)
+            groups.append({"params": lparams, "lr": opts.vs_lora_lr, "peak": opts.vs_lora_lr})
+            written = make_images(proc, opts, "vqa", opts.svqa_samples, opts.seed + 77, desc="vision_speech:written")
+            cache_features(ie, written)
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    def loss_of(batch):
-        rows, n_prompt = [], []
-        for it in batch:
-            p = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=it["image"].num_tokens,
-                             n_audio=it["audio"].num_tokens)
-            rows.append(p + vocab.answer(it["answer"]))
-            n_prompt.append(len(p))
+        def loss_of(batch):
+            rows, n_prompt = [], []
+            for it in batch:
+                p = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=it["image"].num_tokens,
+                                 n_audio=it["audio"].num_tokens)
+                rows.append(p + vocab.answer(it["answer"]))
+                n_prompt.append(len(p))
 
-        def embed_fn(ids, emb):  # the rows' image / audio tokens at once, in row order
-            emb = emb.clone()
-            emb[ids == vocab.image] = torch.cat([it["img_emb"] for it in batch])
-            emb[ids == vocab.audio] = down(nn.functional.gelu(up(torch.cat([it["enc"] for it in batch]))))
-            return emb
+            def embed_fn(ids, emb):  # the rows' image / audio tokens at once, in row order
+                emb = emb.clone()
+                emb[ids == vocab.image] = torch.cat([it["img_emb"] for it in batch])
+                emb[ids == vocab.audio] = down(nn.functional.gelu(up(torch.cat([it["enc"] for it in batch]))))
+                return emb
 
-        return lm_batch_loss(hf, rows, n_prompt, embed_fn)
+            return lm_batch_loss(hf, rows, n_prompt, embed_fn)
 
-    probe = items[:32]
-    with torch.no_grad():
-        acc0 = loss_of(probe)[1]
-    stage.log(event="e2e_start", answer_acc=round(acc0, 4))
-    rng = random.Random(f"vs-e2e:{opts.seed}")
-    for step in loop(stage, opts.vs_steps, 0, "e2e"):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, opts.vs_steps, g["peak"], warmup=10)
-        if written and step % 2 == 1:  # the LoRA keeps answering written questions
-            loss, acc = vqa_loss(hf, ie, rng.sample(written, min(opts.e2e_batch, len(written))), vocab)
-        else:
-            loss, acc = loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params + (lparams if written else []), 1.0)
-        opt.step()
-        if step % 10 == 0 or step == opts.vs_steps - 1:
-            stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
-    with torch.no_grad():
-        acc1 = loss_of(probe)[1]
-    stage.log(event="e2e_end", answer_acc=round(acc1, 4))
-    if written:
-        torch.save(lora_state(loras), stage.dir / "lora.pt")
+        probe = items[:32]
+        with torch.no_grad():
+            acc0 = loss_of(probe)[1]
+        stage.log(event="e2e_start", answer_acc=round(acc0, 4))
+        rng = random.Random(f"vs-e2e:{opts.seed}")
+        for step in loop(stage, opts.vs_steps, 0, "e2e"):
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, opts.vs_steps, g["peak"], warmup=10)
+            if written and step % 2 == 1:  # the LoRA keeps answering written questions
+                loss, acc = vqa_loss(hf, ie, rng.sample(written, min(opts.e2e_batch, len(written))), vocab)
+            else:
+                loss, acc = loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params + (lparams if written else []), 1.0)
+            opt.step()
+            if step % 10 == 0 or step == opts.vs_steps - 1:
+                stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        with torch.no_grad():
+            acc1 = loss_of(probe)[1]
+        stage.log(event="e2e_end", answer_acc=round(acc1, 4))
+        if written:
+            torch.save(lora_state(loras), stage.dir / "lora.pt")
     remove_train_lora(hf, loras)
     save_parts(hf, stage, VS_PROJ)
     stage.finish(wall_s=timer(), answer_acc_before=round(acc0, 4), answer_acc_after=round(acc1, 4))
