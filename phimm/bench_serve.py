@@ -1,0 +1,686 @@
+"""`phimm bench serve`: continuous batching against one-at-a-time serving and static batching, in one run, on
+the same model and the same requests.
+
+    phimm bench serve --clients 16 --requests-per-client 4 --json out.json --markdown out.md
+
+Three modes, each driven by `--clients` concurrent client threads (staggered starts; each client sends its
+requests one after another, rotating through the four routes text / image / audio / image + audio, so every
+route is in flight at once):
+
+- continuous:    `phimm serve` in a subprocess on a free 127.0.0.1 port, streamed chat completions;
+- one_at_a_time: the same server with `--max-running 1` (each request decoded alone, as the old demo did);
+- static:        the model in this process; a batcher thread takes whatever requests are waiting (up to
+                 `--clients`), runs `pipe(batch)` (which returns when the whole batch is done) and only then takes
+                 the next batch.
+
+Greedy decoding; every request generates exactly `--max-tokens` tokens (`min_tokens` = `max_tokens`), so
+throughputs compare. Per request: start, time to first token (the first streamed content chunk; in static mode
+the engine's first-token time inside the batch, counted from the request's arrival), token times, end, text,
+route. `rows_match` says whether every continuous answer equals the same request's answer when it ran alone
+(one_at_a_time). Not a test: figures depend on the machine; ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = ("text", "image", "audio", "image+audio")
+SERVE_SIZES = ("embedded", "209m")
+DEFAULT_MAX_TOKENS = {"embedded": 16, "209m": 32}
+DEFAULT_DTYPE = {"embedded": "float32", "209m": "bfloat16"}
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
+MODES = ("continuous", "one_at_a_time", "static")
+MODE_TITLES = {"continuous": "continuous batching (`phimm serve`)",
+               "one_at_a_time": "one at a time (`phimm serve --max-running 1`)",
+               "static": "static batches (`pipe([...])` in process)"}
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+@dataclass
+class Item:
+    """One benchmark request: the same prompt and media go to the server (as an OpenAI body) and to `pipe`."""
+
+    index: int
+    client: int
+    kind: str
+    text: str
+    image: bytes | None = None  # PNG bytes
+    audio: bytes | None = None  # WAV bytes
+
+    def chat_body(self, max_tokens: int, min_tokens: int | None = None) -> bytes:
+        parts: list[dict] = []
+        if self.image is not None:
+            parts.append({"type": "image_url",
+                          "image_url": {"url": "data:image/png;base64," + base64.b64encode(self.image).decode()}})
+        if self.audio is not None:
+            parts.append({"type": "input_audio",
+                          "input_audio": {"data": base64.b64encode(self.audio).decode(), "format": "wav"}})
+        parts.append({"type": "text", "text": self.text})
+        body = {"messages": [{"role": "user", "content": parts}], "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        if min_tokens:
+            body["min_tokens"] = min_tokens
+        return json.dumps(body).encode()
+
+    def request(self):
+        """The same request as `chat_body` becomes on the server (`parse_chat`): images, audio, then the text."""
+        import phimm
+
+        parts: list[dict] = []
+        if self.image is not None:
+            parts.append({"type": "image", "image": self.image})
+        if self.audio is not None:
+            parts.append({"type": "audio", "audio": self.audio})
+        parts.append({"type": "text", "text": self.text})
+        return phimm.Request(messages=[{"role": "user", "content": parts}])
+
+
+def media_pool(size: str, seed: int = 0) -> dict[str, list[tuple[str, bytes | None, bytes | None]]]:
+    """Per route, a list of (prompt, PNG bytes, WAV bytes): the demo's examples for the embedded model, media
+    made like `phimm bench`'s workload for 209m."""
+    pool: dict[str, list] = {k: [] for k in KINDS}
+    if size == "embedded":
+        for ex in json.loads((EXAMPLES_DIR / "examples.json").read_text()):
+            image = (EXAMPLES_DIR / ex["image"]).read_bytes() if ex.get("image") else None
+            audio = (EXAMPLES_DIR / ex["audio"]).read_bytes() if ex.get("audio") else None
+            kind = "image+audio" if image and audio else "image" if image else "audio" if audio else "text"
+            pool[kind].append((ex["text"], image, audio))
+    else:
+        import soundfile as sf
+
+        from .bench import SIZES, workload
+
+        prompts = {"text": "what color is the circle number {i}", "image": "what shape is the red one",
+                   "audio": "Transcribe the audio clip into text.",
+                   "image+audio": "Answer the spoken question about the image."}
+        for i, (kind, _, images, audios) in enumerate(workload(SIZES[size], seed)):
+            png = wav = None
+            if images:
+                buf = io.BytesIO()
+                images[0].save(buf, format="PNG")
+                png = buf.getvalue()
+            if audios:
+                buf = io.BytesIO()
+                arr, rate = audios[0]
+                sf.write(buf, arr, rate, format="WAV", subtype="PCM_16")
+                wav = buf.getvalue()
+            pool[kind].append((prompts[kind].format(i=i // len(KINDS)), png, wav))
+    missing = [k for k in KINDS if not pool[k]]
+    if missing:
+        raise RuntimeError(f"no example requests for the route(s) {missing}")
+    return pool
+
+
+def make_items(size: str, clients: int, per_client: int, seed: int = 0) -> list[list[Item]]:
+    """`per_client` requests for each of `clients` clients; client c's j-th request takes route (c + j) mod 4,
+    so every route is in flight at once; within a route the examples are used in turn."""
+    pool = media_pool(size, seed)
+    used = {k: 0 for k in KINDS}
+    out: list[list[Item]] = []
+    index = 0
+    for c in range(clients):
+        mine = []
+        for j in range(per_client):
+            kind = KINDS[(c + j) % len(KINDS)]
+            text, image, audio = pool[kind][used[kind] % len(pool[kind])]
+            used[kind] += 1
+            mine.append(Item(index, c, kind, text, image, audio))
+            index += 1
+        out.append(mine)
+    return out
+
+
+def visible_checkpoint(ckpt: Path) -> Path:
+    """`ckpt` with a tokenizer that gives every id of the model's vocabulary some text (`{ckpt}-visible/`: the
+    same files, linked, but tokenizer.json). A random-weight bench checkpoint has a 32000-id vocabulary and the toy
+    tokenizer's 400 tokens, so nearly every generated token would decode to nothing: a server streams no chunk for
+    it (no time to first token, no token times) and every answer is the empty string. The ids the tokenizer lacks
+    become plain vocabulary entries (" v<id>") without merges: prompts tokenize exactly as before, the weights are
+    the same, and each generated token streams a piece of text, as with a real tokenizer."""
+    out = ckpt.parent / f"{ckpt.name}-visible"
+    if (out / "tokenizer.json").is_file() and (out / "config.json").exists():
+        return out
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    vocab_size = int(json.loads((ckpt / "config.json").read_text())["vocab_size"])
+    vocab = tok["model"]["vocab"]
+    used = set(vocab.values()) | {t["id"] for t in tok.get("added_tokens", ())}
+    for i in range(vocab_size):
+        if i not in used:
+            vocab[f"\u0120v{i}"] = i  # "Ġ" is the byte-level alphabet's space
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.name != "tokenizer.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    tmp = out / "tokenizer.json.tmp"
+    tmp.write_text(json.dumps(tok, ensure_ascii=False))
+    tmp.replace(out / "tokenizer.json")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class Record:
+    """What one request did, in absolute `time.perf_counter()` seconds."""
+
+    index: int
+    client: int
+    kind: str
+    start: float = 0.0
+    first: float | None = None  # first token (first content chunk)
+    token_times: list[float] = field(default_factory=list)
+    end: float | None = None
+    text: str = ""
+    route: str | None = None
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.end is not None
+
+
+def _percentile(values, q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+
+
+def summarize(records: list[Record], max_tokens: int) -> dict:
+    ok = [r for r in records if r.ok]
+    starts = [r.start for r in records]
+    ends = [r.end for r in records if r.end is not None]
+    wall = (max(ends) - min(starts)) if ends and starts else 0.0
+    tokens = sum(r.tokens for r in ok)
+    ttft = [r.first - r.start for r in ok if r.first is not None]
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    latency = [r.end - r.start for r in ok]
+    return {
+        "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "ttft_p50_s": _percentile(ttft, 50), "ttft_p95_s": _percentile(ttft, 95),
+        "itl_p50_s": _percentile(itl, 50), "itl_p95_s": _percentile(itl, 95),
+        "latency_p50_s": _percentile(latency, 50), "latency_p95_s": _percentile(latency, 95),
+        "wall_s": wall, "requests": len(ok), "errors": len(records) - len(ok), "tokens": tokens,
+        "every_request_max_tokens": bool(ok) and all(r.tokens == max_tokens for r in ok),
+    }
+
+
+def run_clients(items_by_client: list[list[Item]], sender, stagger_s: float) -> list[Record]:
+    """One thread per client: client c starts `c * stagger_s` s after the first and sends its requests one after
+    another. `sender()` is a context manager giving that client's `send(item) -> Record`."""
+    records: dict[int, Record] = {}
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def client(c: int, items: list[Item]) -> None:
+        time.sleep(max(0.0, t0 + c * stagger_s - time.perf_counter()))
+        try:
+            with sender() as send:
+                for item in items:
+                    try:
+                        rec = send(item)
+                    except Exception as e:  # noqa: BLE001 - recorded, reported, the run goes on
+                        rec = Record(item.index, item.client, item.kind, start=time.perf_counter(),
+                                     error=f"{type(e).__name__}: {e}")
+                    with lock:
+                        records[item.index] = rec
+        except Exception as e:  # noqa: BLE001 - the client could not even start
+            with lock:
+                for item in items:
+                    records.setdefault(item.index, Record(item.index, item.client, item.kind, start=t0,
+                                                          error=f"{type(e).__name__}: {e}"))
+
+    threads = [threading.Thread(target=client, args=(c, items), name=f"bench-client-{c}", daemon=True)
+               for c, items in enumerate(items_by_client)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.5)
+    return [records[i.index] for items in items_by_client for i in items]
+
+
+# ------------------------------------------------------------------------------------------------ server modes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux): SIGTERM when we die
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_process(proc: subprocess.Popen | None, grace_s: float = 15.0) -> None:
+    """Terminate, then kill if it does not exit in `grace_s`."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_bytes()[-n:].decode(errors="replace")
+    return ""
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], url: str, log_path: Path, startup_timeout_s: float):
+    """Start `phimm serve`, wait until /health answers 200, yield; always stop it afterwards."""
+    import httpx
+
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = None
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            deadline = time.monotonic() + startup_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready; "
+                                       f"its log ({log_path}):\n{_tail(log_path)}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=2.0, trust_env=False).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server was not ready after {startup_timeout_s:.0f} s; its log "
+                                       f"({log_path}):\n{_tail(log_path)}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            stop_process(proc)
+
+
+def send_streamed(http, url: str, item: Item, body: bytes, timeout_s: float) -> Record:
+    """POST one streamed chat completion; the time of every content chunk is a token time."""
+    rec = Record(item.index, item.client, item.kind, start=time.perf_counter())
+    deadline = rec.start + timeout_s
+    pieces: list[str] = []
+    with http.stream("POST", f"{url}/v1/chat/completions", content=body,
+                     headers={"content-type": "application/json"}) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
+        for line in resp.iter_lines():
+            now = time.perf_counter()
+            if now > deadline:
+                raise TimeoutError(f"the request took longer than {timeout_s:.0f} s")
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"server error: {chunk['error'].get('message')}")
+            if chunk.get("route") is not None:
+                rec.route = chunk["route"]
+            if chunk.get("usage"):
+                rec.tokens = int(chunk["usage"]["completion_tokens"])
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    rec.first = rec.first or now
+                    rec.token_times.append(now)
+                    pieces.append(content)
+    rec.end = time.perf_counter()
+    rec.text = "".join(pieces)
+    return rec
+
+
+def run_server_mode(args, items_by_client, bodies: dict[int, bytes], max_running: int, model: str | None,
+                    dtype: str, log_path: Path) -> tuple[list[Record], list[str]]:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "phimm.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max-running", str(max_running), "--dtype", dtype, "--log-level", "warning"]
+    if model is not None:
+        cmd += ["--model", str(model)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
+
+    @contextlib.contextmanager
+    def sender():
+        with httpx.Client(timeout=timeout, trust_env=False) as http:  # trust_env: no proxy for 127.0.0.1
+            yield lambda item: send_streamed(http, url, item, bodies[item.index], args.request_timeout)
+
+    with server_process(cmd, url, log_path, args.startup_timeout):
+        # warm-up (not timed): one short request per route, so lazy set-up is not in the measurement
+        with httpx.Client(timeout=timeout, trust_env=False) as http:
+            for item in _one_per_kind(items_by_client):
+                send_streamed(http, url, item, item.chat_body(2), args.request_timeout)
+        records = run_clients(items_by_client, sender, args.stagger_s)
+    return records, cmd
+
+
+def _one_per_kind(items_by_client: list[list[Item]]) -> list[Item]:
+    seen: dict[str, Item] = {}
+    for items in items_by_client:
+        for item in items:
+            seen.setdefault(item.kind, item)
+    return list(seen.values())
+
+
+# ------------------------------------------------------------------------------------------------ static mode
+
+
+class StaticBatcher:
+    """Static batching over `pipe`: take whatever is waiting (up to `max_batch`), run `pipe(batch)` to the end of
+    its longest row, answer them all, then take the next batch."""
+
+    def __init__(self, pipe, max_batch: int, **generation):
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self.generation = generation
+        self.batch_sizes: list[int] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="bench-static-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, request) -> Future:
+        fut: Future = Future()
+        self._queue.put((request, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            t_call = time.perf_counter()
+            try:
+                outs = self.pipe([r for r, _ in batch], **self.generation)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting clients
+                for _, fut in batch:
+                    fut.set_exception(e)
+                continue
+            t_done = time.perf_counter()
+            self.batch_sizes.append(len(batch))
+            for (_, fut), out in zip(batch, outs):
+                fut.set_result((out, t_call, t_done))
+
+
+def run_static_mode(args, items_by_client, max_tokens: int, model: str | None, dtype: str,
+                    max_batch: int) -> tuple[list[Record], list[int]]:
+    import phimm
+    from phimm.engine import EngineLimits
+
+    pipe = phimm.load(model, dtype=dtype, threads=args.threads,
+                      limits=EngineLimits(max_running=max(16, max_batch)))
+    requests = {i.index: i.request() for items in items_by_client for i in items}
+    try:
+        pipe([i.request() for i in _one_per_kind(items_by_client)], max_new_tokens=2, do_sample=False)  # warm-up
+        batcher = StaticBatcher(pipe, max_batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                do_sample=False)
+        try:
+            @contextlib.contextmanager
+            def sender():
+                yield lambda item: _send_static(batcher, item, requests[item.index], args.request_timeout)
+
+            records = run_clients(items_by_client, sender, args.stagger_s)
+        finally:
+            batcher.close()
+        return records, batcher.batch_sizes
+    finally:
+        pipe.close()
+
+
+def _send_static(batcher: StaticBatcher, item: Item, request, timeout_s: float) -> Record:
+    rec = Record(item.index, item.client, item.kind, start=time.perf_counter())
+    out, t_call, _ = batcher.submit(request).result(timeout=timeout_s)
+    rec.end = time.perf_counter()  # the answer comes back only when the whole batch is done
+    if out.error is not None:
+        raise out.error
+    rec.text, rec.route, rec.tokens = out.text, str(out.route), len(out.token_ids)
+    if out.ttft_s is not None:
+        # the engine's first-token time inside the batch; the rows of a static batch decode in lockstep, so
+        # its tokens are spread evenly over the decode time
+        rec.first = t_call + out.ttft_s
+        n = max(len(out.token_ids), 1)
+        step = (out.decode_s or 0.0) / (n - 1) if n > 1 else 0.0
+        rec.token_times = [rec.first + k * step for k in range(n)]
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run(args) -> dict:
+    size = args.size
+    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[size]
+    dtype = args.dtype or DEFAULT_DTYPE[size]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = None
+    if size != "embedded":
+        from .bench import make_checkpoint
+
+        model = str(visible_checkpoint(make_checkpoint(size, workdir)))
+    items_by_client = make_items(size, args.clients, args.requests_per_client, args.seed)
+    n_requests = args.clients * args.requests_per_client
+    bodies = {i.index: i.chat_body(max_tokens, max_tokens) for items in items_by_client for i in items}
+    max_batch = args.clients
+    from .pipeline import default_threads
+
+    threads = args.threads or default_threads()  # what the servers and phimm.load use when --threads is not given
+    print(f"[bench serve] size={size} dtype={dtype} clients={args.clients} requests={n_requests} "
+          f"max_tokens={max_tokens} threads={threads}", flush=True)
+    results: dict = {
+        "clients": args.clients, "requests_per_client": args.requests_per_client, "requests": n_requests,
+        "size": size, "model": model or "embedded", "dtype": dtype, "threads": threads,
+        "max_tokens": max_tokens, "stagger_s": args.stagger_s,
+        "itl_note": "server modes: gaps between streamed content chunks; static: each row's decode time over its "
+                    "tokens (rows of a static batch decode in lockstep)",
+    }
+    records: dict[str, list[Record]] = {}
+    for mode, max_running in (("continuous", max(1, max_batch)), ("one_at_a_time", 1)):
+        t = time.perf_counter()
+        records[mode], cmd = run_server_mode(args, items_by_client, bodies, max_running, model, dtype,
+                                             workdir / f"bench-serve-{mode}.log")
+        results[mode] = summarize(records[mode], max_tokens)
+        results[mode]["server_command"] = " ".join(cmd[3:])
+        _progress(mode, results[mode], time.perf_counter() - t)
+        _save_partial(args, results)
+    t = time.perf_counter()
+    records["static"], batch_sizes = run_static_mode(args, items_by_client, max_tokens, model, dtype, max_batch)
+    results["static"] = summarize(records["static"], max_tokens)
+    results["static"]["batch_sizes"] = batch_sizes
+    _progress("static", results["static"], time.perf_counter() - t)
+
+    def ratio(a: str, b: str):
+        x, y = results[a]["requests_per_s"], results[b]["requests_per_s"]
+        return x / y if y else None
+
+    results["speedup_vs_one_at_a_time"] = ratio("continuous", "one_at_a_time")
+    results["speedup_vs_static"] = ratio("continuous", "static")
+    alone = {r.index: r for r in records["one_at_a_time"]}
+    match = sum(int(r.ok and alone[r.index].ok and r.text == alone[r.index].text) for r in records["continuous"])
+    static_match = sum(int(r.ok and alone[r.index].ok and r.text == alone[r.index].text) for r in records["static"])
+    results["rows_match"] = match == n_requests
+    results["rows_matching"] = f"{match}/{n_requests}"
+    results["static_rows_matching"] = f"{static_match}/{n_requests}"
+    results["per_request"] = [_detail(records, i) for items in items_by_client for i in items]
+    return results
+
+
+def _save_partial(args, results: dict) -> None:
+    """Keep what is measured so far, should a later mode fail (the full report replaces it)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _progress(mode: str, s: dict, took: float) -> None:
+    print(f"[bench serve] {mode}: {s['requests']} requests ({s['errors']} errors) in {s['wall_s']:.2f} s, "
+          f"{s['requests_per_s']:.2f} req/s, {s['tokens_per_s']:.1f} tok/s (mode took {took:.1f} s)", flush=True)
+
+
+def _detail(records: dict[str, list[Record]], item: Item) -> dict:
+    d: dict = {"index": item.index, "client": item.client, "kind": item.kind, "prompt": item.text}
+    for mode, recs in records.items():
+        r = next(x for x in recs if x.index == item.index)
+        t0 = r.start
+        d[mode] = {"text": r.text, "route": r.route, "tokens": r.tokens, "error": r.error,
+                   "start_s": r.start, "ttft_s": (r.first - t0) if r.first is not None else None,
+                   "end_s": (r.end - t0) if r.end is not None else None,
+                   "token_times_s": [round(x - t0, 6) for x in r.token_times]}
+    return d
+
+
+def _fmt(x, unit: str = "", digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Model: {results['model']} ({results['dtype']}, {results['threads']} torch thread(s)), "
+        f"{results['clients']} concurrent clients x "
+        f"{results['requests_per_client']} requests = {results['requests']} mixed requests (text / image / audio / "
+        f"image + audio), exactly {results['max_tokens']} new tokens each, greedy.",
+        "",
+        "| mode | requests/s | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | wall | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        s = results[mode]
+        lines.append(f"| {MODE_TITLES[mode]} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.1f} | "
+                     f"{_fmt(s['ttft_p50_s'], ' s')} | {_fmt(s['ttft_p95_s'], ' s')} | "
+                     f"{_fmt(None if s['itl_p50_s'] is None else s['itl_p50_s'] * 1000, ' ms', 1)} | "
+                     f"{s['wall_s']:.2f} s | {s['errors']} |")
+    lines += [
+        "",
+        f"Continuous batching: {_fmt(results['speedup_vs_one_at_a_time'], 'x', 2)} the requests/s of one at a time, "
+        f"{_fmt(results['speedup_vs_static'], 'x', 2)} those of static batches. Answers equal to the same request "
+        f"run alone: {results['rows_matching']} (continuous), {results['static_rows_matching']} (static).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")
+    p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default: 4)")
+    p.add_argument("--size", default="embedded", choices=SERVE_SIZES,
+                   help="the embedded model, or a random-weight 209M checkpoint (default: embedded)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens per request, exactly (default: 16 embedded, 32 for 209m)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: float32 for embedded, bfloat16 for 209m")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the server and the static mode (default: PHIMM_THREADS or one per two cores)")
+    p.add_argument("--stagger-s", type=float, default=0.01, help="client c starts c * this many seconds late")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds any one HTTP request may take")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds the server may take to load")
+    p.add_argument("--seed", type=int, default=0, help="seed of the 209m media")
+    p.add_argument("--workdir", default="runs", help="random checkpoints (reused) and the servers' logs")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, help="write the Markdown table here")
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:]
+    if argv[:2] == ["bench", "serve"]:
+        return "phimm " + " ".join(argv)
+    return "phimm bench serve " + " ".join(a for a in argv if a != "serve")
+
+
+def cmd_bench_serve(args) -> int:
+    for name in ("clients", "requests_per_client", "max_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"phimm bench serve: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds too, so servers are stopped
+
+        def on_term(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        results = run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    table = markdown(results, _command_line())
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0 if all(results[m]["errors"] == 0 for m in MODES) else 1
+
+
+def register(modes) -> None:
+    """Add `serve` to `phimm bench`'s modes (a subparsers action)."""
+    p = modes.add_parser("serve", help="continuous batching vs one at a time vs static batches, over HTTP",
+                         description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phimm.bench_serve")
+    add_arguments(p)
+    return cmd_bench_serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
