@@ -13,8 +13,9 @@ route is in flight at once):
                  `--clients`), runs `pipe(batch)` (which returns when the whole batch is done) and only then takes
                  the next batch.
 
-Greedy decoding; every request generates exactly `--max-tokens` tokens (`min_tokens` = `max_tokens`), so
-throughputs compare. Per request: start, time to first token (the first streamed content chunk; in static mode
+Greedy decoding. Answers vary in length, as real ones do: request i generates exactly `n_i` tokens, one of
+`--max-tokens` x (1/4, 1/2, 3/4, 1) drawn with a fixed seed (`min_tokens` = `max_tokens` = `n_i`), the same `n_i` in
+every mode, so throughputs compare (`--fixed-length`: every request `--max-tokens`). Per request: start, time to first token (the first streamed content chunk; in static mode
 the engine's first-token time inside the batch, counted from the request's arrival), token times, end, text,
 route. `rows_match` says whether every continuous answer equals the same request's answer when it ran alone
 (one_at_a_time). Not a test: figures depend on the machine; ratios are what to compare.
@@ -63,6 +64,7 @@ class Item:
     text: str
     image: bytes | None = None  # PNG bytes
     audio: bytes | None = None  # WAV bytes
+    tokens: int = 16  # exactly this many new tokens, in every mode
 
     def chat_body(self, max_tokens: int, min_tokens: int | None = None) -> bytes:
         parts: list[dict] = []
@@ -128,9 +130,14 @@ def media_pool(size: str, seed: int = 0) -> dict[str, list[tuple[str, bytes | No
     return pool
 
 
-def make_items(size: str, clients: int, per_client: int, seed: int = 0) -> list[list[Item]]:
+def make_items(size: str, clients: int, per_client: int, seed: int = 0, max_tokens: int = 16,
+               fixed_length: bool = False) -> list[list[Item]]:
     """`per_client` requests for each of `clients` clients; client c's j-th request takes route (c + j) mod 4,
-    so every route is in flight at once; within a route the examples are used in turn."""
+    so every route is in flight at once; within a route the examples are used in turn. Each request's length is
+    `max_tokens` x one of (1/4, 1/2, 3/4, 1), drawn with `seed` (or `max_tokens` for all, `fixed_length`)."""
+    import random
+
+    rng = random.Random(f"bench-serve:{seed}")
     pool = media_pool(size, seed)
     used = {k: 0 for k in KINDS}
     out: list[list[Item]] = []
@@ -141,7 +148,8 @@ def make_items(size: str, clients: int, per_client: int, seed: int = 0) -> list[
             kind = KINDS[(c + j) % len(KINDS)]
             text, image, audio = pool[kind][used[kind] % len(pool[kind])]
             used[kind] += 1
-            mine.append(Item(index, c, kind, text, image, audio))
+            n = max_tokens if fixed_length else max(1, round(max_tokens * rng.choice((0.25, 0.5, 0.75, 1.0))))
+            mine.append(Item(index, c, kind, text, image, audio, n))
             index += 1
         out.append(mine)
     return out
@@ -204,7 +212,7 @@ def _percentile(values, q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
 
 
-def summarize(records: list[Record], max_tokens: int) -> dict:
+def summarize(records: list[Record], lengths: dict[int, int]) -> dict:
     ok = [r for r in records if r.ok]
     starts = [r.start for r in records]
     ends = [r.end for r in records if r.end is not None]
@@ -220,7 +228,7 @@ def summarize(records: list[Record], max_tokens: int) -> dict:
         "itl_p50_s": _percentile(itl, 50), "itl_p95_s": _percentile(itl, 95),
         "latency_p50_s": _percentile(latency, 50), "latency_p95_s": _percentile(latency, 95),
         "wall_s": wall, "requests": len(ok), "errors": len(records) - len(ok), "tokens": tokens,
-        "every_request_max_tokens": bool(ok) and all(r.tokens == max_tokens for r in ok),
+        "every_request_its_length": bool(ok) and all(r.tokens == lengths[r.index] for r in ok),
     }
 
 
@@ -416,14 +424,28 @@ class StaticBatcher:
         self._thread = threading.Thread(target=self._loop, name="bench-static-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, request) -> Future:
+    def submit(self, request, tokens: int) -> Future:
         fut: Future = Future()
-        self._queue.put((request, fut))
+        self._queue.put(((request, tokens), fut))
         return fut
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
+
+    def run_batch(self, batch):
+        """`pipe([...])` with each row's own length: the rows are queued together and the batch returns when its
+        longest row is done (rows that finish earlier free their compute: kinder than classic static batching,
+        whose finished rows decode padding)."""
+        from .generation import GenerationOptions
+
+        items = []
+        for request, tokens in batch:
+            prepared, route = self.pipe.prepare(request)
+            opts = GenerationOptions.from_kwargs(self.pipe.generation, max_new_tokens=tokens, min_new_tokens=tokens,
+                                                 **self.generation)
+            items.append((prepared, route, opts))
+        return [s.result() for s in self.pipe.engine.submit_many(items, events=False)]
 
     def _loop(self) -> None:
         stop = False
@@ -443,7 +465,7 @@ class StaticBatcher:
                 batch.append(nxt)
             t_call = time.perf_counter()
             try:
-                outs = self.pipe([r for r, _ in batch], **self.generation)
+                outs = self.run_batch([r for r, _ in batch])
             except BaseException as e:  # noqa: BLE001 - handed to the waiting clients
                 for _, fut in batch:
                     fut.set_exception(e)
@@ -464,8 +486,7 @@ def run_static_mode(args, items_by_client, max_tokens: int, model: str | None, d
     requests = {i.index: i.request() for items in items_by_client for i in items}
     try:
         pipe([i.request() for i in _one_per_kind(items_by_client)], max_new_tokens=2, do_sample=False)  # warm-up
-        batcher = StaticBatcher(pipe, max_batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                do_sample=False)
+        batcher = StaticBatcher(pipe, max_batch, do_sample=False)
         try:
             @contextlib.contextmanager
             def sender():
@@ -481,7 +502,7 @@ def run_static_mode(args, items_by_client, max_tokens: int, model: str | None, d
 
 def _send_static(batcher: StaticBatcher, item: Item, request, timeout_s: float) -> Record:
     rec = Record(item.index, item.client, item.kind, start=time.perf_counter())
-    out, t_call, _ = batcher.submit(request).result(timeout=timeout_s)
+    out, t_call, _ = batcher.submit(request, item.tokens).result(timeout=timeout_s)
     rec.end = time.perf_counter()  # the answer comes back only when the whole batch is done
     if out.error is not None:
         raise out.error
@@ -510,9 +531,11 @@ def run(args) -> dict:
         from .bench import make_checkpoint
 
         model = str(visible_checkpoint(make_checkpoint(size, workdir)))
-    items_by_client = make_items(size, args.clients, args.requests_per_client, args.seed)
+    items_by_client = make_items(size, args.clients, args.requests_per_client, args.seed, max_tokens,
+                                 args.fixed_length)
     n_requests = args.clients * args.requests_per_client
-    bodies = {i.index: i.chat_body(max_tokens, max_tokens) for items in items_by_client for i in items}
+    bodies = {i.index: i.chat_body(i.tokens, i.tokens) for items in items_by_client for i in items}
+    lengths = {i.index: i.tokens for items in items_by_client for i in items}
     max_batch = args.clients
     from .pipeline import default_threads
 
@@ -522,7 +545,8 @@ def run(args) -> dict:
     results: dict = {
         "clients": args.clients, "requests_per_client": args.requests_per_client, "requests": n_requests,
         "size": size, "model": model or "embedded", "dtype": dtype, "threads": threads,
-        "max_tokens": max_tokens, "stagger_s": args.stagger_s,
+        "max_tokens": max_tokens, "fixed_length": bool(args.fixed_length),
+        "request_tokens": sorted(lengths.values()), "stagger_s": args.stagger_s,
         "itl_note": "server modes: gaps between streamed content chunks; static: each row's decode time over its "
                     "tokens (rows of a static batch decode in lockstep)",
     }
@@ -531,13 +555,13 @@ def run(args) -> dict:
         t = time.perf_counter()
         records[mode], cmd = run_server_mode(args, items_by_client, bodies, max_running, model, dtype,
                                              workdir / f"bench-serve-{mode}.log")
-        results[mode] = summarize(records[mode], max_tokens)
+        results[mode] = summarize(records[mode], lengths)
         results[mode]["server_command"] = " ".join(cmd[3:])
         _progress(mode, results[mode], time.perf_counter() - t)
         _save_partial(args, results)
     t = time.perf_counter()
     records["static"], batch_sizes = run_static_mode(args, items_by_client, max_tokens, model, dtype, max_batch)
-    results["static"] = summarize(records["static"], max_tokens)
+    results["static"] = summarize(records["static"], lengths)
     results["static"]["batch_sizes"] = batch_sizes
     _progress("static", results["static"], time.perf_counter() - t)
 
@@ -591,7 +615,10 @@ def markdown(results: dict, command: str) -> str:
         f"Model: {results['model']} ({results['dtype']}, {results['threads']} torch thread(s)), "
         f"{results['clients']} concurrent clients x "
         f"{results['requests_per_client']} requests = {results['requests']} mixed requests (text / image / audio / "
-        f"image + audio), exactly {results['max_tokens']} new tokens each, greedy.",
+        f"image + audio), greedy, "
+        + (f"exactly {results['max_tokens']} new tokens each." if results.get("fixed_length") else
+           f"each exactly its own length of {min(results['request_tokens'])}-{max(results['request_tokens'])} new "
+           f"tokens ({sum(results['request_tokens'])} in all), the same in every mode."),
         "",
         "| mode | requests/s | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | wall | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -621,6 +648,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the embedded model, or a random-weight 209M checkpoint (default: embedded)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="new tokens per request, exactly (default: 16 embedded, 32 for 209m)")
+    p.add_argument("--fixed-length", action="store_true",
+                   help="every request generates --max-tokens tokens (default: lengths vary, 1/4 to 1 of it)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 for embedded, bfloat16 for 209m")
     p.add_argument("--threads", type=int, default=None,

@@ -116,12 +116,13 @@ class BatchCache(PreallocatedCache):
     def advance(self, n: int = 1) -> None:
         self.lengths = [x + n for x in self.lengths]
 
-    def add_rows(self, sources: Sequence[tuple[Cache, int, int]]) -> None:
-        """Append rows: `sources[j] = (cache, row, n)` copies row `row`'s first `n` positions of `cache`."""
+    def add_rows(self, sources: Sequence[tuple[Cache, int, int, int]]) -> None:
+        """Append rows: `sources[j] = (cache, row, start, n)` copies positions `start .. start + n` of row `row`
+        of `cache` (a left-padded prefill has `start` > 0)."""
         if not sources:
             return
         old_width, old_rows = self.width, self.rows
-        width = max([old_width] + [n for _, _, n in sources])
+        width = max([old_width] + [n for _, _, _, n in sources])
         total = old_rows + len(sources)
         for li, layer in enumerate(self.layers):
             ref_k, ref_v = sources[0][0].layers[li].keys, sources[0][0].layers[li].values
@@ -130,12 +131,12 @@ class BatchCache(PreallocatedCache):
             if old_rows:
                 kb[:old_rows, :, width - old_width:width] = layer.keys
                 vb[:old_rows, :, width - old_width:width] = layer.values
-            for j, (cache, row, n) in enumerate(sources):
+            for j, (cache, row, start, n) in enumerate(sources):
                 src = cache.layers[li]
-                kb[old_rows + j, :, width - n:width] = src.keys[row, :, :n]
-                vb[old_rows + j, :, width - n:width] = src.values[row, :, :n]
+                kb[old_rows + j, :, width - n:width] = src.keys[row, :, start:start + n]
+                vb[old_rows + j, :, width - n:width] = src.values[row, :, start:start + n]
             layer.set_buffers(kb, vb, width)
-        self.lengths = self.lengths + [n for _, _, n in sources]
+        self.lengths = self.lengths + [n for _, _, _, n in sources]
 
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Drop every row not in `keep` (indices, in the order to keep) and the columns no kept row uses."""

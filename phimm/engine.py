@@ -17,11 +17,13 @@ requests. Everything is on `model.device`, so the same loop runs on CPU and CUDA
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,6 +40,16 @@ from .types import Output, Prepared
 
 log = logging.getLogger("phimm.engine")
 
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Stop every engine's thread before the interpreter tears down: a thread left inside a torch op while the
+    process exits can abort it ("terminate called without an active exception")."""
+    for engine in list(_LIVE):
+        engine.close()
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -47,12 +59,16 @@ class EngineLimits:
     max_waiting: int = 256  # requests queued for a place; beyond it `submit` raises QueueFullError
     kv_budget_tokens: int = 65536  # cache positions (rows x padded width) the running batch may reach
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (a longer prompt is prefilled alone)
+    # while rows decode, a new request waits up to this many decode steps so that several arrivals share one
+    # prefill forward (0: prefill each step's arrivals at once); an idle engine admits at once
+    prefill_delay_steps: int = 2
 
     def __post_init__(self):
-        for name in ("max_running", "max_waiting", "kv_budget_tokens", "max_prefill_tokens"):
+        for name in ("max_running", "max_waiting", "kv_budget_tokens", "max_prefill_tokens", "prefill_delay_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise GenerationConfigError(f"engine limit {name} must be a positive integer, got {v!r}")
+            low = 0 if name == "prefill_delay_steps" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise GenerationConfigError(f"engine limit {name} must be an integer >= {low}, got {v!r}")
 
 
 @dataclass
@@ -99,9 +115,7 @@ class RequestStream:
         if not self._events:
             return
         if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
-            except RuntimeError:  # the consumer's event loop is gone: nobody listens any more
+            if not _mailbox(self._loop).put(self._queue, delta):  # the consumer's event loop is gone
                 self.cancel()
             return
         with self._cond:
@@ -127,12 +141,21 @@ class RequestStream:
                 return
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
+        async for batch in self.batches():
+            for delta in batch:
+                yield delta
+
+    async def batches(self) -> AsyncIterator[list[Delta]]:
+        """The deltas in lists: everything that arrived by the time the consumer woke up (under load, several
+        steps' worth), so that a server can write them at once."""
         if self._loop is None:
             raise TypeError("this stream was opened without an event loop: iterate it with `for`")
         while True:
-            delta = await self._queue.get()
-            yield delta
-            if delta.finished:
+            batch = [await self._queue.get()]
+            while not batch[-1].finished and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            yield batch
+            if batch[-1].finished:
                 return
 
     def result(self, timeout: float | None = None) -> Output:
@@ -140,6 +163,45 @@ class RequestStream:
 
     async def aresult(self) -> Output:
         return await asyncio.wrap_future(self.future)
+
+
+class _Mailbox:
+    """Deltas bound for one event loop's streams, handed over in one wake-up of that loop for everything pushed
+    meanwhile (a step's worth of rows), instead of one wake-up per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, Delta]] = []
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, delta: Delta) -> bool:
+        with self.lock:
+            first = not self.items
+            self.items.append((queue, delta))
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed
+                return False
+        return True
+
+    def _drain(self) -> None:  # on the loop
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, delta in items:
+            queue.put_nowait(delta)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
+_MAILBOXES_LOCK = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _MAILBOXES_LOCK:
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = _Mailbox(loop)
+        return box
 
 
 @dataclass
@@ -162,6 +224,7 @@ class _Row:
     finish_reason: str | None = None
     error: PhimmError | None = None
     last_delta: tuple[str, list[int]] = ("", [])  # the final step's text and token, sent with the Output
+    queued_step: int = 0  # the engine's decode-step count when the request was queued
 
     @property
     def cancelled(self) -> bool:
@@ -198,6 +261,8 @@ class Engine:
         self._closed = False
         self._threads = torch.get_num_threads()
         self.counters = collections.Counter()  # steps, prefills, tokens, finished by reason
+        self.busy_s = 0.0  # seconds the loop spent in steps (the rest it waited for work)
+        _LIVE.add(self)
 
     # ---- callers' side (any thread) ------------------------------------------------------------------------
     def submit(self, prepared: Prepared, route: Route, opts: GenerationOptions, *, arrival: float | None = None,
@@ -222,6 +287,8 @@ class Engine:
             eos = opts.eos_token_id or self.eos_token_ids
             rows.append(_Row(stream, prepared, route, opts, tuple(eos), arrival, generator))
         with self._cond:
+            for r in rows:
+                r.queued_step = self.counters["steps"]
             if self._closed:
                 raise EngineClosedError("the engine is closed; load the model again")
             if len(self._waiting) + len(rows) > self.limits.max_waiting:
@@ -248,7 +315,7 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             return {"running": len(self._running), "waiting": len(self._waiting),
-                    "kv_positions": self._cache.positions, **self.counters}
+                    "kv_positions": self._cache.positions, "busy_s": round(self.busy_s, 3), **self.counters}
 
     def close(self) -> None:
         """Stop the loop; requests still waiting or running end with `EngineClosedError`."""
@@ -284,7 +351,9 @@ class Engine:
                         admitted = self._admit()
                     for r in cancelled:
                         self._finish(r, "cancelled")
+                    t = time.perf_counter()
                     self.step(admitted)
+                    self.busy_s += time.perf_counter() - t
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
             log.exception("the engine loop stopped")
             self._fail_all(EngineClosedError(f"the engine stopped on an internal error: {e!r}"))
@@ -302,10 +371,14 @@ class Engine:
             self._finish(r, "error")
 
     def _admit(self) -> list[_Row]:
-        """Waiting rows that fit now, first come first served (called with the lock held)."""
+        """Waiting rows that fit now, first come first served (called with the lock held). While rows decode,
+        arrivals gather for `prefill_delay_steps` steps first, unless they would fill the batch anyway."""
         limits = self.limits
         admitted: list[_Row] = []
         n_rows = len(self._running)
+        if (n_rows and self._waiting and len(self._waiting) < limits.max_running - n_rows
+                and self.counters["steps"] - self._waiting[0].queued_step < limits.prefill_delay_steps):
+            return admitted
         width = max((r.final_len for r in self._running), default=0)
         prefill = 0
         while self._waiting:
@@ -325,42 +398,71 @@ class Engine:
         self._leave([r for r in self._running if r.cancelled], "cancelled")
         joined = self._prefill(admitted)
         if joined:
-            self._cache.add_rows([(cache, j, r.prompt_len) for r, cache, j in joined])
+            self._cache.add_rows([(cache, j, start, r.prompt_len) for r, cache, j, start in joined])
             with self._cond:
-                self._running.extend(r for r, _, _ in joined)
+                self._running.extend(r for r, _, _, _ in joined)
             self._row_adapters = None
         # rows admitted in this step already have their first token; the others get their next one
         if self._running:
             self._decode()
 
-    def _prefill(self, rows: Sequence[_Row]) -> list[tuple[_Row, PreallocatedCache, int]]:
+    def _prefill(self, rows: Sequence[_Row]) -> list[tuple[_Row, PreallocatedCache, int, int]]:
+        """Prefill `rows` in buckets of similar length (`prefill_buckets`): one decoder forward per bucket, rows
+        left-padded to its longest and masked, each row on its own adapter; media features are made per adapter
+        (the encoders see one adapter at a time). Returns (row, cache, row in it, first column) for the rows
+        that go on decoding; rows whose input fails get their error, the others go on."""
         joined = []
-        model = self.model
-        device = model.device
-        for indices in prefill_groups([r.prepared.input_ids for r in rows], [r.route.adapter for r in rows]):
-            group = [rows[i] for i in indices]
-            T, adapter = group[0].prompt_len, group[0].route.adapter
-            try:
-                ids = torch.tensor([r.prepared.input_ids for r in group], dtype=torch.long, device=device)
-                k = len(group)
-                rows_arg = model.row_adapters([adapter] * k)
-                media = [(r.prepared.images, r.prepared.audios, r.route.audio_projector) for r in group]
-                embeds = model.embed_inputs(ids, media, rows_arg)
-                cache = PreallocatedCache(model.config.num_hidden_layers, T)
-                pos = torch.arange(T, device=device).expand(k, T)
-                hidden = model.decode(embeds, torch.ones_like(ids), pos, cache, rows_arg)
-                logits = model.logits(hidden[:, -1])  # [k, V]
-            except Exception as e:  # noqa: BLE001 - this group's rows fail, the engine serves on
-                self._fail(group, e)
+        for bucket in prefill_buckets([r.prompt_len for r in rows]):
+            group = self._embed_rows([rows[i] for i in bucket])
+            if not group:
                 continue
+            try:
+                cache, logits, width = self._prefill_forward(group)
+            except Exception as e:  # noqa: BLE001 - this bucket's rows fail, the engine serves on
+                self._fail([r for r, _ in group], e)
+                continue
+            group = [r for r, _ in group]
             self.counters["prefills"] += 1
-            self.counters["prompt_tokens"] += T * len(group)
+            self.counters["prompt_tokens"] += sum(r.prompt_len for r in group)
             for j, (r, more) in enumerate(zip(group, self._choose(group, logits))):
                 if more:
-                    joined.append((r, cache, j))
+                    joined.append((r, cache, j, width - r.prompt_len))
                 else:
                     self._finish(r, r.finish_reason, *r.last_delta)
         return joined
+
+    def _embed_rows(self, rows: Sequence[_Row]) -> list[tuple[_Row, torch.Tensor]]:
+        """Each row's input embeddings `[T, D]` (media features merged in, the encoders on the row's adapter); a
+        row whose media do not fit its prompt fails alone."""
+        model = self.model
+        out = []
+        for r in rows:
+            try:
+                ids = torch.tensor([r.prepared.input_ids], dtype=torch.long, device=model.device)
+                media = [(r.prepared.images, r.prepared.audios, r.route.audio_projector)]
+                out.append((r, model.embed_inputs(ids, media, model.row_adapters([r.route.adapter]))[0]))
+            except Exception as e:  # noqa: BLE001 - this row fails, the others go on
+                self._fail([r], e)
+        return out
+
+    def _prefill_forward(self, group: Sequence[tuple[_Row, torch.Tensor]]):
+        """One decoder forward over left-padded rows: (their cache, last-position logits `[k, V]`, width)."""
+        model = self.model
+        device = model.device
+        width = max(r.prompt_len for r, _ in group)
+        k = len(group)
+        embeds = group[0][1].new_zeros(k, width, group[0][1].shape[-1])  # [k, T, D]
+        mask = torch.zeros(k, width, dtype=torch.long, device=device)
+        pos = torch.zeros(k, width, dtype=torch.long, device=device)
+        for j, (r, emb) in enumerate(group):
+            n = r.prompt_len
+            embeds[j, width - n:] = emb
+            mask[j, width - n:] = 1
+            pos[j, width - n:] = torch.arange(n, device=device)
+        cache = PreallocatedCache(model.config.num_hidden_layers, width)
+        rows_arg = model.row_adapters([r.route.adapter for r, _ in group])
+        hidden = model.decode(embeds, mask, pos, cache, rows_arg)
+        return cache, model.logits(hidden[:, -1]), width
 
     def _decode(self) -> None:
         model = self.model
@@ -487,12 +589,23 @@ class Engine:
         row.stream._push(Delta(delta, list(new_ids), now, out))
 
 
-def prefill_groups(input_ids: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> list[list[int]]:
-    """Rows that can be prefilled together without padding: same length and same adapter (in first-seen order)."""
-    groups: dict[tuple[int, str | None], list[int]] = {}
-    for i, (ids, adapter) in enumerate(zip(input_ids, adapters)):
-        groups.setdefault((len(ids), adapter), []).append(i)
-    return list(groups.values())
+PAD_WASTE = 0.25  # a prefill bucket computes at most this share more positions than its rows have
+
+
+def prefill_buckets(lengths: Sequence[int], pad_waste: float = PAD_WASTE) -> list[list[int]]:
+    """Rows to prefill in one forward each: sorted by length, a bucket grows while padding every row to its
+    longest costs at most `pad_waste` more positions than the rows hold (equal lengths: no padding at all)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            b = buckets[-1]
+            total = sum(lengths[x] for x in b) + lengths[i]
+            if lengths[i] * (len(b) + 1) <= (1 + pad_waste) * total:
+                b.append(i)
+                continue
+        buckets.append([i])
+    return buckets
 
 
 def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:

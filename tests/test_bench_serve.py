@@ -28,19 +28,22 @@ def test_bench_serve_tiny(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PHIMM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "phimm.cli", "bench", "serve", "--clients", "4", "--requests-per-client", "2",
-           "--max-tokens", "3", "--workdir", str(tmp_path), "--json", str(out), "--markdown", str(md),
+           "--max-tokens", "4", "--workdir", str(tmp_path), "--json", str(out), "--markdown", str(md),
            "--startup-timeout", "120", "--request-timeout", "60"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     r = json.loads(out.read_text())
-    assert (r["clients"], r["requests"], r["size"], r["max_tokens"]) == (4, 8, "embedded", 3)
+    assert (r["clients"], r["requests"], r["size"], r["max_tokens"]) == (4, 8, "embedded", 4)
+    lengths = r["request_tokens"]
+    assert len(lengths) == 8 and set(lengths) <= {1, 2, 3, 4} and len(set(lengths)) > 1  # answers vary in length
     for mode in ("continuous", "one_at_a_time", "static"):
         s = r[mode]
         assert set(MODE_KEYS) <= set(s), mode
         assert s["requests_per_s"] > 0 and s["tokens_per_s"] > 0 and s["wall_s"] > 0, (mode, s)
         assert s["ttft_p50_s"] > 0 and s["itl_p50_s"] >= 0, (mode, s)
-        assert (s["requests"], s["errors"], s["tokens"]) == (8, 0, 24), (mode, s)  # exactly max_tokens each
+        assert (s["requests"], s["errors"], s["tokens"]) == (8, 0, sum(lengths)), (mode, s)
+        assert s["every_request_its_length"], (mode, s)  # each request exactly its own length, in every mode
     assert r["speedup_vs_one_at_a_time"] > 0 and r["speedup_vs_static"] > 0
     assert r["rows_match"] is True and r["rows_matching"] == "8/8"
     first = {p["kind"] for p in r["per_request"] if p["index"] % 2 == 0}  # each client's first request

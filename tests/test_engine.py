@@ -194,8 +194,8 @@ def test_batch_cache_joins_and_leaves_right_aligned():
 
     a, b = prefilled(1, 5), prefilled(2, 3)
     batch = BatchCache(1)
-    batch.add_rows([(a, 0, 5)])
-    batch.add_rows([(b, 0, 3), (b, 1, 3)])
+    batch.add_rows([(a, 0, 0, 5)])
+    batch.add_rows([(b, 0, 0, 3), (b, 1, 0, 3)])
     assert batch.lengths == [5, 3, 3] and batch.width == 5
     keys = batch.layers[0].keys
     assert torch.equal(keys[0], a.layers[0].keys[0])
@@ -211,7 +211,7 @@ def test_batch_cache_joins_and_leaves_right_aligned():
     assert torch.equal(batch.layers[0].keys[0, :, :3], b.layers[0].keys[1])
     assert torch.equal(batch.layers[0].keys[0, :, 3:], new[2])
     longer = prefilled(1, 9)
-    batch.add_rows([(longer, 0, 9)])  # a longer row joins: the others shift right
+    batch.add_rows([(longer, 0, 0, 9)])  # a longer row joins: the others shift right
     assert batch.width == 9 and torch.equal(batch.layers[0].keys[0, :, 5:8], b.layers[0].keys[1])
     batch.keep_rows([])
     assert batch.rows == 0 and batch.positions == 0

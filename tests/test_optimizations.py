@@ -95,15 +95,21 @@ def test_feature_cache_returns_what_the_encoder_would(tiny_ckpt):
     assert torch.equal(first.logits, cold.logits)
 
 
-def test_grouped_prefill_rows_equal_alone(tiny_pipe):
-    # equal-length text rows on one adapter are prefilled together, image rows with another adapter apart
-    reqs = [phimm.Request(prompt=f"hello number {d}") for d in "123"] + [_reqs()[1]]
-    from phimm.engine import prefill_groups
+def test_bucketed_prefill_rows_equal_alone(tiny_pipe):
+    # rows of similar length share one prefill forward (left-padded, each on its own adapter); far longer rows
+    # (the image) get their own
+    from phimm.engine import prefill_buckets
 
+    reqs = [phimm.Request(prompt=f"hello number {d}") for d in "123"] + [phimm.Request(prompt="hello number 4 5"),
+                                                                         _reqs()[1]]  # 8, 8, 8, 10 tokens; 548
     prepared = [tiny_pipe.prepare(r) for r in reqs]
-    groups = prefill_groups([p.input_ids for p, _ in prepared], [r.adapter for _, r in prepared])
-    assert sorted(map(len, groups)) == [1, 3]
+    lengths = [len(p.input_ids) for p, _ in prepared]
+    buckets = prefill_buckets(lengths)
+    assert sorted(map(len, buckets)) == [1, 4] and [4] in buckets  # the image row alone
+    assert prefill_buckets([10, 10, 10]) == [[0, 1, 2]] and prefill_buckets([10, 40]) == [[0], [1]]
+    before = tiny_pipe.engine.counters["prefills"]
     batch = tiny_pipe(reqs, max_new_tokens=4, output_logits=True)
+    assert tiny_pipe.engine.counters["prefills"] - before == 2
     for req, got in zip(reqs, batch):
         alone = tiny_pipe(req, max_new_tokens=4, output_logits=True)
         assert got.token_ids == alone.token_ids

@@ -203,25 +203,27 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
             state.metrics.request("unrouted", "bad_request" if not _is_overload(e) else "refused")
             raise from_phimm_error(e, config.retry_after_s) from None
 
-    async def deltas(request: Request, stream, arrival: float, watch_disconnect: bool) -> AsyncIterator:
-        """The stream's deltas, with metrics; the request is cancelled if the client goes away."""
+    async def deltas(request: Request, stream, arrival: float, watch_disconnect: bool) -> AsyncIterator[list]:
+        """The stream's deltas in batches (all that arrived by each wake-up), with metrics; the request is
+        cancelled if the client goes away."""
         watcher = asyncio.ensure_future(_watch_disconnect(request, stream)) if watch_disconnect else None
         last = None
         status = "cancelled"
         try:
-            async for d in stream:
-                if d.token_ids:
-                    if last is None:
-                        state.metrics.first_token(d.time - arrival)
-                    else:
-                        state.metrics.inter_token(d.time - last)
-                    last = d.time
-                if d.output is not None:
-                    out = d.output
-                    status = "ok" if out.error is None else ("cancelled" if out.finish_reason == "cancelled"
-                                                             else "error")
-                    state.metrics.tokens(out.prompt_tokens, len(out.token_ids))
-                yield d
+            async for batch in stream.batches():
+                for d in batch:
+                    if d.token_ids:
+                        if last is None:
+                            state.metrics.first_token(d.time - arrival)
+                        else:
+                            state.metrics.inter_token(d.time - last)
+                        last = d.time
+                    if d.output is not None:
+                        out = d.output
+                        status = "ok" if out.error is None else ("cancelled" if out.finish_reason == "cancelled"
+                                                                 else "error")
+                        state.metrics.tokens(out.prompt_tokens, len(out.token_ids))
+                yield batch
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -260,8 +262,8 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
         cid, created, model = new_id("chatcmpl"), int(time.time()), state.model_name
         if not call.stream:
             out = None
-            async for d in deltas(request, stream, arrival, watch_disconnect=True):
-                out = d.output
+            async for batch in deltas(request, stream, arrival, watch_disconnect=True):
+                out = batch[-1].output
             if out is None or out.finish_reason == "cancelled":
                 return Response(status_code=499)
             if out.error is not None:
@@ -270,18 +272,22 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
 
         async def events():
             yield _sse(chat_chunk(cid, model, created, {"role": "assistant", "content": ""}, route=stream.route))
-            async for d in deltas(request, stream, arrival, watch_disconnect=False):
-                if d.text:
-                    yield _sse(chat_chunk(cid, model, created, {"content": d.text}))
-                if d.output is not None:
-                    out = d.output
+            # a content chunk is this prefix, the text as a JSON string, and a fixed suffix: made once
+            head, _, tail = json.dumps(chat_chunk(cid, model, created, {"content": "\x00"}),
+                                       ensure_ascii=False).partition('"\\u0000"')
+            async for batch in deltas(request, stream, arrival, watch_disconnect=False):
+                parts = [f"data: {head}{json.dumps(d.text, ensure_ascii=False)}{tail}\n\n" for d in batch if d.text]
+                out = batch[-1].output
+                if out is not None:
                     if out.error is not None:
-                        yield _sse(from_phimm_error(out.error).body())
+                        parts.append(_sse(from_phimm_error(out.error).body()))
                     else:
                         finish = "length" if out.finish_reason == "length" else "stop"
-                        yield _sse(chat_chunk(cid, model, created, {}, finish))
+                        parts.append(_sse(chat_chunk(cid, model, created, {}, finish)))
                         if call.include_usage:
-                            yield _sse(usage_chunk(cid, model, created, out))
+                            parts.append(_sse(usage_chunk(cid, model, created, out)))
+                if parts:
+                    yield "".join(parts)  # everything that arrived together, in one write
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -328,8 +334,8 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
 
         if not want_stream:
             out = None
-            async for d in deltas(request, stream, arrival, watch_disconnect=True):
-                out = d.output
+            async for batch in deltas(request, stream, arrival, watch_disconnect=True):
+                out = batch[-1].output
             if out is None or out.finish_reason == "cancelled":
                 return Response(status_code=499)
             if out.error is not None:
@@ -340,17 +346,20 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
             return JSONResponse(body, media_type=media_type)
 
         async def events():
-            async for d in deltas(request, stream, arrival, watch_disconnect=False):
-                if d.text:
-                    yield _sse({"type": "transcript.text.delta", "delta": d.text, "logprobs": None})
-                if d.output is not None:
-                    if d.output.error is not None:
-                        yield _sse(from_phimm_error(d.output.error).body())
+            async for batch in deltas(request, stream, arrival, watch_disconnect=False):
+                parts = [_sse({"type": "transcript.text.delta", "delta": d.text, "logprobs": None})
+                         for d in batch if d.text]
+                out = batch[-1].output
+                if out is not None:
+                    if out.error is not None:
+                        parts.append(_sse(from_phimm_error(out.error).body()))
                     else:
-                        yield _sse({"type": "transcript.text.done", "text": d.output.text.strip(), "logprobs": None,
-                                    "usage": {"type": "tokens", "input_tokens": d.output.prompt_tokens,
-                                              "output_tokens": len(d.output.token_ids),
-                                              "total_tokens": d.output.prompt_tokens + len(d.output.token_ids)}})
+                        parts.append(_sse({"type": "transcript.text.done", "text": out.text.strip(), "logprobs": None,
+                                           "usage": {"type": "tokens", "input_tokens": out.prompt_tokens,
+                                                     "output_tokens": len(out.token_ids),
+                                                     "total_tokens": out.prompt_tokens + len(out.token_ids)}}))
+                if parts:
+                    yield "".join(parts)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

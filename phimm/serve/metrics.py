@@ -28,6 +28,9 @@ class Metrics:
                               names, buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("phimm_inter_token_latency_seconds", "Time between consecutive tokens of a request",
                              names, buckets=_LATENCY_BUCKETS, registry=r)
+        busy = Gauge("phimm_engine_busy_seconds", "Seconds the engine spent in steps since it started", names,
+                     registry=r)
+        (busy.labels(**self._const) if names else busy).set_function(lambda: stats().get("busy_s", 0.0))
         running = Gauge("phimm_running_requests", "Rows in the running batch", names, registry=r)
         waiting = Gauge("phimm_waiting_requests", "Requests queued for a place in the batch", names, registry=r)
         self._stats = stats
