@@ -81,8 +81,6 @@ def cmd_serve(args) -> int:
         print(f"{bar}\nWARNING: phimm serve binds {args.host} WITHOUT --api-key: anyone who can reach this "
               f"machine\ncan use the model. Pass --api-key, or bind 127.0.0.1 behind a reverse proxy.\n{bar}",
               file=sys.stderr)
-    import os as _os
-    sys.setswitchinterval(float(_os.environ.get("PHIMM_SWITCH", "0.005")))
     app = build_app(config=config_from_args(args), loader=loader_from_args(args))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
