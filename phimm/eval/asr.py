@@ -6,8 +6,9 @@
     python -m phimm.eval.asr --manifest test.jsonl --out runs/asr --limit 100 --batch-size 16
 
 Each utterance is one request: the audio, then the prompt ("Transcribe the audio clip into text.", the reference
-model's, unless `--prompt` says otherwise). The summary has the corpus WER and CER after `EnglishTextNormalizer`
-(`wer`, `cer`), the same without normalisation (`wer_raw`, `cer_raw`), and the real-time factor `rtfx` (seconds
+model's, unless `--prompt` says otherwise). The summary has the corpus WER and CER after Whisper's own English
+normaliser (`EnglishTextNormalizer`, from the package whisper-normalizer, as published WERs are; `wer`, `cer`),
+the same without normalisation (`wer_raw`, `cer_raw`), and the real-time factor `rtfx` (seconds
 of audio transcribed per second of inference). A sample that fails counts as an empty transcript.
 """
 
@@ -199,8 +200,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `asr` to an `eval` command's subparsers."""
     parser = subparsers.add_parser(
         "asr", help="word error rate on a speech data set",
-        description="Word error rate (Whisper-style normalised and raw), CER and RTFx of a model on a speech "
-                    "data set.",
+        description="Word error rate (after Whisper's English normaliser, and raw), CER and RTFx of a model on a "
+                    "speech data set.",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m phimm.eval.asr ...`"""
     parser = argparse.ArgumentParser(
         prog="python -m phimm.eval.asr",
-        description="Word error rate (Whisper-style normalised and raw), CER and RTFx of a model on speech.",
+        description="Word error rate (after Whisper's English normaliser, and raw), CER and RTFx of a model on speech.",
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

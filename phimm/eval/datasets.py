@@ -27,7 +27,6 @@ that cannot be read is not the reader's business: the runner records it as that 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -37,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from phimm.errors import AudioError, ImageError, PhimmError
+from phimm.errors import AudioError, ImageError, MediaError, PhimmError
+from phimm.media.audio import decode_audio, mix_down
 
 __all__ = [
     "DatasetError",
@@ -80,16 +80,15 @@ class ArrowAudioCell:
             raise AudioError(f"row {self.row}: an audio cell must be a dict or a path, not {type(value).__name__}")
         if value.get("bytes") is not None:
             try:
-                data, rate = _sf().read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=True)
-            except Exception as e:
+                return decode_audio(value["bytes"])
+            except MediaError as e:
                 raise AudioError(f"row {self.row}: cannot decode the audio bytes: {e}") from e
-            return data.mean(axis=1), int(rate)
         if value.get("array") is not None:
             if value.get("sampling_rate") is None:
                 raise AudioError(f"row {self.row}: an audio 'array' needs its 'sampling_rate'")
             array = np.asarray(value["array"], dtype=np.float32)
             if array.ndim == 2:  # [channels, samples] as datasets keeps multichannel audio
-                array = array.mean(axis=0)
+                array = mix_down(array.T)
             return array, int(value["sampling_rate"])
         if value.get("path"):
             return self._path(value["path"])

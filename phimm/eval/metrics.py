@@ -2,7 +2,8 @@
 
 ASR: `wer` and `cer` are corpus rates, as published numbers are: the edits summed over all utterances divided by
 the reference words (characters) summed over all utterances; not a mean of per-utterance rates. Pass
-`normalizer=EnglishTextNormalizer()` for the normalised rates (`phimm eval asr` reports both).
+`normalizer=EnglishTextNormalizer()` (`phimm.eval.normalize`: Whisper's own, from whisper-normalizer) for the
+normalised rates (`phimm eval asr` reports both).
 
 VQA: `vqa_accuracy` follows the official VQAv2 evaluation (`vqaEval.py` of the VQA API) to the letter, quirks
 included, so that numbers compare with published ones:
