@@ -90,11 +90,13 @@ class RequestStream:
     wait for its `Output` (`s.result()`, `await s.aresult()`, `s.future`). `cancel()` ends it at the next step.
     Thread-safe: the engine's thread pushes, any one consumer reads."""
 
-    def __init__(self, request_id: int, route: Route, prompt_tokens: int, engine: "Engine",
-                 loop: asyncio.AbstractEventLoop | None = None, events: bool = True):
+    def __init__(self, request_id: int, route: Route, prompt_tokens: int, engine,
+                 loop: asyncio.AbstractEventLoop | None = None, events: bool = True, sink=None):
         self.id = request_id
         self.route = route
         self.prompt_tokens = prompt_tokens
+        self.audio_seconds = 0.0  # the request's audio, in seconds
+        self._sink = sink  # called with each delta instead of queueing it (a server's worker forwards them)
         self.future: Future[Output] = Future()
         self.cancelled = False  # asked to stop; the engine ends it at its next step
         self._engine = engine
@@ -112,6 +114,9 @@ class RequestStream:
     def _push(self, delta: Delta) -> None:  # engine thread
         if delta.output is not None and not self.future.done():
             self.future.set_result(delta.output)
+        if self._sink is not None:
+            self._sink(delta)
+            return
         if not self._events:
             return
         if self._loop is not None:
@@ -126,7 +131,7 @@ class RequestStream:
         """Stop generating for this request; it ends with finish_reason "cancelled" (no-op once finished)."""
         if not self.future.done():
             self.cancelled = True
-            self._engine._wake()
+            self._engine._cancel(self)
 
     def __iter__(self) -> Iterator[Delta]:
         if self._loop is not None or not self._events:
@@ -266,20 +271,22 @@ class Engine:
 
     # ---- callers' side (any thread) ------------------------------------------------------------------------
     def submit(self, prepared: Prepared, route: Route, opts: GenerationOptions, *, arrival: float | None = None,
-               loop: asyncio.AbstractEventLoop | None = None, events: bool = True) -> RequestStream:
+               loop: asyncio.AbstractEventLoop | None = None, events: bool = True, sink=None) -> RequestStream:
         """Queue one prepared, routed request. Raises `ContextLengthError` if it can never fit and
-        `QueueFullError` if the queue is full, before any work."""
-        return self.submit_many([(prepared, route, opts)], arrival=arrival, loop=loop, events=events)[0]
+        `QueueFullError` if the queue is full, before any work. `sink`: a callable that takes each delta
+        (from the engine's thread) instead of the stream's queue."""
+        return self.submit_many([(prepared, route, opts)], arrival=arrival, loop=loop, events=events, sink=sink)[0]
 
     def submit_many(self, items: Sequence[tuple[Prepared, Route, GenerationOptions]], *,
                     arrival: float | None = None, loop: asyncio.AbstractEventLoop | None = None,
-                    events: bool = True) -> list[RequestStream]:
+                    events: bool = True, sink=None) -> list[RequestStream]:
         """Queue several requests at once (they are admitted together as far as the limits allow)."""
         arrival = time.perf_counter() if arrival is None else arrival
         rows = []
         for prepared, route, opts in items:
             self.check_fits(len(prepared.input_ids), opts.max_new_tokens)
-            stream = RequestStream(next(self._ids), route, len(prepared.input_ids), self, loop, events)
+            stream = RequestStream(next(self._ids), route, len(prepared.input_ids), self, loop, events, sink)
+            stream.audio_seconds = float(sum(a.seconds for a in prepared.audios))
             generator = None
             if opts.do_sample:
                 generator = torch.Generator(device=self.model.device)
@@ -325,7 +332,7 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
-    def _wake(self) -> None:
+    def _cancel(self, stream: RequestStream) -> None:  # the stream is marked; wake the loop to end it
         with self._cond:
             self._cond.notify_all()
 

@@ -116,14 +116,25 @@ class Pipeline:
             self._engine = None
 
     def open(self, x: Request | str, *, loop: asyncio.AbstractEventLoop | None = None,
-             arrival: float | None = None, **generation) -> RequestStream:
+             arrival: float | None = None, clip_to_context: bool = False, sink=None,
+             **generation) -> RequestStream:
         """Prepare, route and queue one request; returns its `RequestStream` (deltas as they come, then the
-        `Output`). With `loop`, iterate it with `async for` on that event loop. Raises a `PhimmError` on bad
-        input, before any model compute, and `QueueFullError` when the engine's queue is full."""
+        `Output`). With `loop`, iterate it with `async for` on that event loop; with `sink`, each delta is
+        handed to that callable instead. `clip_to_context`: ask for no more new tokens than the model's context
+        leaves after the prompt. Raises a `PhimmError` on bad input, before any model compute, and
+        `QueueFullError` when the engine's queue is full."""
         opts = GenerationOptions.from_kwargs(self.generation, **generation)
         arrival = time.perf_counter() if arrival is None else arrival
         prepared, route = self.prepare(x)
-        return self.engine.submit(prepared, route, opts, arrival=arrival, loop=loop)
+        room = (self.engine.max_context or 1 << 30) - len(prepared.input_ids)
+        if clip_to_context and opts.max_new_tokens > room:
+            opts = GenerationOptions.from_kwargs(opts, max_new_tokens=max(1, room),
+                                                 min_new_tokens=min(opts.min_new_tokens, max(1, room)))
+        return self.engine.submit(prepared, route, opts, arrival=arrival, loop=loop, sink=sink)
+
+    def stats(self) -> dict:
+        """The engine's counts: running and waiting rows, KV positions, steps, tokens, busy seconds."""
+        return self.engine.stats()
 
     def submit(self, x: Request | str, **generation) -> Future:
         """Thread-safe: queue one request and return a `concurrent.futures.Future` of its `Output`. Bad input

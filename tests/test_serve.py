@@ -398,3 +398,28 @@ def test_models_endpoint(server, model_name):
     models = server.client().models.list().data
     assert [m.id for m in models] == [model_name] == ["phimm-embedded"]
     assert json.loads(httpx.get(server.url + "/health", timeout=10).text)["status"] == "ok"
+
+
+def test_engine_worker_death_fails_open_requests_cleanly(tmp_path):
+    """The engine runs in a worker process: if it dies, an open stream ends with an error event (not a hang),
+    /health reports it, and new requests get 503 instead of waiting forever."""
+    s = Server(tmp=tmp_path)
+    try:
+        children = Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()
+        children = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(children) == 1, children  # the engine worker (not multiprocessing's resource tracker)
+        body = {"model": "phimm-embedded", "max_tokens": 900, "min_tokens": 900, "stream": True,
+                "messages": [{"role": "user", "content": "count"}]}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                os.kill(int(children[0]), 9)
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and any('"engine_closed"' in line for line in rest), rest[-3:]
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 503
+        r = s.post("/v1/chat/completions", key=None, json={**body, "stream": False, "max_tokens": 2,
+                                                          "min_tokens": 0})
+        assert r.status_code == 503 and error_of(r)["code"] == "engine_closed"
+    finally:
+        s.stop()

@@ -29,7 +29,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngineClosedError, PhimmError, QueueFullError
-from ..generation import GenerationOptions
 from .metrics import Metrics
 from .protocol import (TRANSCRIPTION_FORMATS, APIError, MediaPolicy, bad_request, chat_chunk, chat_completion,
                        from_phimm_error, new_id, parse_chat, transcription_body, transcription_request,
@@ -67,7 +66,7 @@ class _State:
         self.metrics = Metrics(self.stats, config.metric_labels)
 
     def stats(self) -> dict:
-        return self.pipe.engine.stats() if self.pipe is not None else {}
+        return self.pipe.stats() if self.pipe is not None else {}
 
     @property
     def model_name(self) -> str:
@@ -79,13 +78,16 @@ class _State:
     def load(self) -> None:
         try:
             self.pipe = self.loader()
-            self.pipe.engine  # start the engine before the first request
+            self.pipe.stats()  # the engine is started before the first request
             log.info("model loaded: %s", self.pipe)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request
             log.exception("loading the model failed")
             self.error = e
 
     def ready(self):
+        gone = getattr(self.pipe, "closed", None)  # an engine worker process that died
+        if gone is not None:
+            raise APIError(503, str(gone), "server_unavailable", None, "engine_closed")
         if self.pipe is not None:
             return self.pipe
         if self.error is not None:
@@ -234,6 +236,9 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
     # ---- endpoints -----------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
+        gone = getattr(state.pipe, "closed", None)
+        if gone is not None:
+            return JSONResponse({"status": f"failed: {gone}"}, status_code=503)
         if state.pipe is not None:
             return {"status": "ok", "model": state.model_name}
         detail = f"failed: {state.error}" if state.error is not None else "loading"
@@ -316,20 +321,9 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
         instruction = form.get("prompt") or config.transcription_instruction
         x = transcription_request(audio, instruction)
 
-        def start():
-            prepared, route = pipe.prepare(x)
-            room = (pipe.engine.max_context or 1 << 30) - len(prepared.input_ids)
-            opts = GenerationOptions.from_kwargs(
-                pipe.generation, max_new_tokens=max(1, min(config.transcription_max_tokens, room)), **gen)
-            seconds = sum(a.seconds for a in prepared.audios)
-            return pipe.engine.submit(prepared, route, opts, arrival=arrival, loop=loop), seconds
-
-        loop = asyncio.get_running_loop()
-        try:
-            stream, seconds = await anyio.to_thread.run_sync(start)
-        except PhimmError as e:
-            state.metrics.request("unrouted", "bad_request" if not _is_overload(e) else "refused")
-            raise from_phimm_error(e, config.retry_after_s) from None
+        stream = await open_stream(request, pipe, x, arrival, clip_to_context=True,
+                                   max_new_tokens=config.transcription_max_tokens, **gen)
+        seconds = stream.audio_seconds
         language = form.get("language") or None
 
         if not want_stream:

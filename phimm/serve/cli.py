@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MB (default: 32)")
     p.add_argument("--max-media", type=int, default=8, help="images and audio clips per request (default: 8)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--in-process", action="store_true",
+                   help="run the engine in the HTTP process (default: a worker process of its own, so that HTTP "
+                        "work and decode steps do not take turns on one Python interpreter)")
 
 
 def is_loopback(host: str) -> bool:
@@ -54,15 +57,27 @@ def config_from_args(args):
                        max_media=args.max_media)
 
 
-def loader_from_args(args):
-    def load():
-        import phimm
-        from phimm.engine import EngineLimits
+def load_kwargs_from_args(args) -> dict:
+    """`phimm.load` arguments (plain data: they travel to the engine worker process)."""
+    return dict(path=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                threads=args.threads, limits=dict(max_running=args.max_running, max_waiting=args.max_waiting,
+                                                  kv_budget_tokens=args.kv_budget_tokens))
 
-        limits = EngineLimits(max_running=args.max_running, max_waiting=args.max_waiting,
-                              kv_budget_tokens=args.kv_budget_tokens)
-        return phimm.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                          threads=args.threads, limits=limits)
+
+def loader_from_args(args):
+    """Loads the model in an engine worker process (`phimm.serve.worker`), or in this process with
+    `--in-process`."""
+    kwargs = load_kwargs_from_args(args)
+
+    def load():
+        if getattr(args, "in_process", False):
+            import phimm
+            from phimm.engine import EngineLimits
+
+            return phimm.load(**{**kwargs, "limits": EngineLimits(**kwargs["limits"])})
+        from .worker import EngineProcess
+
+        return EngineProcess(kwargs)
 
     return load
 

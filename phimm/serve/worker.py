@@ -1,0 +1,246 @@
+"""The server's engine in a process of its own.
+
+Python runs one thread at a time per process: in one process, the HTTP event loop (parsing requests, writing
+server-sent events) and the engine's decode loop would take turns. `phimm serve` therefore loads the model in a
+worker process that prepares requests and runs the engine, and the HTTP process talks to it over a pipe:
+
+    HTTP process                                  worker process
+    EngineProcess.open(request) --("open")-->     Pipeline.open(request, sink=...)  -> engine thread
+    stream (asyncio queue)      <--("deltas")--   sender thread: every delta since its last send, in one message
+    stream.cancel()             --("cancel")-->   the engine ends the row at its next step
+
+`EngineProcess` offers what the app calls on a `Pipeline` (`open`, `stats`, `adapters`, `name`, `close`), so the
+app serves either. If the worker dies, every open request ends with `EngineClosedError` and /health says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+from ..engine import Delta, RequestStream
+from ..errors import EngineClosedError, PhimmError
+from ..types import Output
+
+log = logging.getLogger("phimm.serve.worker")
+
+STATS_EVERY_S = 0.25  # the worker sends the engine's counts at least this often while busy, and each second idle
+
+
+class EngineProcess:
+    """The HTTP side of the worker process. `load_kwargs` go to `phimm.load` in the worker."""
+
+    def __init__(self, load_kwargs: dict[str, Any], startup_timeout_s: float = 600.0):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks copied over
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_worker_main, args=(load_kwargs, child), name="phimm-engine-worker",
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._streams: dict[int, RequestStream] = {}
+        self._opening: dict[int, list] = {}  # rid -> [event, error or None]
+        self._lock = threading.Lock()
+        self._stats: dict = {}
+        self.closed: BaseException | None = None
+        if not self._conn.poll(startup_timeout_s):
+            self._proc.kill()
+            raise EngineClosedError(f"the engine worker did not load the model in {startup_timeout_s:g} s")
+        try:
+            kind, info = self._conn.recv()
+        except EOFError:
+            raise EngineClosedError(f"the engine worker exited while loading (exit code {self._proc.exitcode})") \
+                from None
+        if kind == "load_failed":
+            self._proc.join(timeout=10)
+            raise info
+        self.name, self.adapters, self.max_context = info["name"], info["adapters"], info["max_context"]
+        self._reader = threading.Thread(target=self._read, name="phimm-worker-reader", daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        return f"EngineProcess({self.name!r}, pid={self._proc.pid})"
+
+    # ---- what the app calls ---------------------------------------------------------------------------------
+    def open(self, x, *, loop: asyncio.AbstractEventLoop | None = None, arrival: float | None = None,
+             clip_to_context: bool = False, **generation) -> RequestStream:
+        """As `Pipeline.open`: prepared and queued in the worker; raises its `PhimmError` here."""
+        if self.closed is not None:
+            raise EngineClosedError(f"the engine worker is gone: {self.closed}")
+        rid = next(self._ids)
+        stream = RequestStream(rid, None, 0, self, loop)
+        done = threading.Event()
+        with self._lock:
+            self._streams[rid] = stream
+            self._opening[rid] = [done, None, None]
+        arrival = time.perf_counter() if arrival is None else arrival  # CLOCK_MONOTONIC: shared by processes
+        try:
+            self._send(("open", rid, x, generation, arrival, clip_to_context))
+        except (OSError, ValueError) as e:
+            raise EngineClosedError(f"the engine worker is gone: {e}") from None
+        done.wait()
+        with self._lock:
+            _, error, info = self._opening.pop(rid)
+            if error is not None:
+                self._streams.pop(rid, None)
+        if error is not None:
+            raise error
+        stream.route, stream.prompt_tokens, stream.audio_seconds = info
+        return stream
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def close(self) -> None:
+        try:
+            self._send(("close",))
+        except (OSError, ValueError):
+            pass
+        self._proc.join(timeout=15)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+
+    # ---- plumbing -------------------------------------------------------------------------------------------
+    def _cancel(self, stream: RequestStream) -> None:  # RequestStream.cancel calls this
+        try:
+            self._send(("cancel", stream.id))
+        except (OSError, ValueError):
+            pass
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = self._conn.recv()
+                kind = msg[0]
+                if kind == "deltas":
+                    self._stats = msg[2]
+                    for rid, delta in msg[1]:
+                        with self._lock:
+                            stream = self._streams.get(rid)
+                            if delta.finished:
+                                self._streams.pop(rid, None)
+                        if stream is not None:
+                            stream._push(delta)
+                elif kind == "opened":
+                    _, rid, info = msg
+                    with self._lock:
+                        self._opening[rid][2] = info
+                        self._opening[rid][0].set()
+                elif kind == "failed":
+                    _, rid, error = msg
+                    with self._lock:
+                        self._opening[rid][1] = error
+                        self._opening[rid][0].set()
+        except (EOFError, OSError) as e:
+            self._fail_all(EngineClosedError(f"the engine worker exited (exit code {self._proc.exitcode}): "
+                                             f"{type(e).__name__}"))
+
+    def _fail_all(self, error: EngineClosedError) -> None:
+        self.closed = error
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            for pending in self._opening.values():
+                pending[1] = error
+                pending[0].set()
+        now = time.perf_counter()
+        for stream in streams.values():
+            stream._push(Delta("", [], now, Output(route=stream.route, error=error, finish_reason="error",
+                                                   prompt_tokens=stream.prompt_tokens)))
+
+
+def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
+    """The worker process: load the model, then open requests as the HTTP process asks and send their deltas."""
+    try:
+        import phimm
+        from phimm.engine import EngineLimits
+
+        kwargs = dict(load_kwargs)
+        if isinstance(kwargs.get("limits"), dict):
+            kwargs["limits"] = EngineLimits(**kwargs["limits"])
+        pipe = phimm.load(**kwargs)
+        pipe.engine  # started before the first request
+    except BaseException as e:  # noqa: BLE001 - sent to the HTTP process, which reports it
+        conn.send(("load_failed", e if isinstance(e, PhimmError) else EngineClosedError(f"{type(e).__name__}: {e}")))
+        return
+    conn.send(("ready", {"name": pipe.name, "adapters": list(pipe.adapters), "max_context": pipe.engine.max_context}))
+    outbox: list = []
+    cond = threading.Condition()
+    send_lock = threading.Lock()  # the main thread and the sender thread both send
+    streams: dict[int, RequestStream] = {}
+    stop = threading.Event()
+
+    def send(msg) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    def sink_for(rid: int):
+        def sink(delta: Delta) -> None:  # the engine's thread
+            with cond:
+                outbox.append((rid, delta))
+                cond.notify()
+        return sink
+
+    def send_loop() -> None:
+        last_stats = 0.0
+        while not stop.is_set():
+            with cond:
+                if not outbox:
+                    cond.wait(timeout=1.0)
+                items = outbox[:]
+                outbox.clear()
+            now = time.perf_counter()
+            if items or now - last_stats >= 1.0:
+                try:
+                    send(("deltas", items, pipe.stats()))
+                except (OSError, ValueError):
+                    return
+                last_stats = now
+            if items:
+                time.sleep(0)  # let the engine thread run before the next batch is gathered
+
+    sender = threading.Thread(target=send_loop, name="phimm-worker-sender", daemon=True)
+    sender.start()
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the HTTP process is gone
+                break
+            kind = msg[0]
+            if kind == "open":
+                _, rid, x, generation, arrival, clip = msg
+                try:
+                    stream = pipe.open(x, arrival=arrival, clip_to_context=clip, sink=sink_for(rid), **generation)
+                except PhimmError as e:
+                    send(("failed", rid, e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - an unexpected failure fails this request only
+                    log.exception("opening a request failed")
+                    send(("failed", rid, EngineClosedError(f"{type(e).__name__}: {e}")))
+                    continue
+                send(("opened", rid, (stream.route, stream.prompt_tokens, stream.audio_seconds)))
+                streams[rid] = stream
+                for done in [k for k, v in streams.items() if v.output is not None]:  # finished ones
+                    del streams[done]
+            elif kind == "cancel":
+                stream = streams.get(msg[1])
+                if stream is not None:
+                    stream.cancel()
+            elif kind == "close":
+                break
+    finally:
+        stop.set()
+        with cond:
+            cond.notify()
+        pipe.close()
