@@ -77,6 +77,25 @@ def test_builtin_config_and_shard_split_match_reference():
     assert got == _ref("model.safetensors.index.DERIVED.json")["weight_map"]
 
 
+def test_rename_table_gives_both_directions():
+    """Every entry of the one rename table renames original -> native and back, for a module's tensors and for a
+    bare parameter."""
+    values = {"n": "7", "io": "out", "qkv": "k"}
+    assert len(orig.ORIGINAL_TO_NATIVE_RULES) == len(orig.NATIVE_TO_ORIGINAL_RULES) == len(orig.RENAMES)
+    for r in orig.RENAMES:
+        o, n = r.original.format(**values), r.native.format(**values)
+        leaves = [""] if r.param else [".weight", ".bias"]
+        for leaf in leaves:
+            assert orig.original_to_native_key(o + leaf) == n + leaf
+            assert orig.native_to_original_key(n + leaf) == o + leaf
+    assert orig.native_to_original_key("model.layers.0.self_attn.qkv_proj.weight",
+                                       ["model.layers.0.self_attn.qkv_proj"]) == (
+        "model.layers.0.self_attn.qkv_proj.base_layer.weight")
+    assert orig.original_to_native_key("model.layers.0.self_attn.qkv_proj.base_layer.weight") == (
+        "model.layers.0.self_attn.qkv_proj.weight")
+    assert orig.original_to_native_key("model.layers.0.self_attn.qkv_proj.lora_A.vision.weight") is None
+
+
 def test_native_config_follows_conversion_rules():
     cfg = orig.native_config(rc.full_original_config())
     assert cfg.model_type == "phi4_multimodal"
@@ -218,6 +237,23 @@ def test_bf16_load_maps_the_files(tiny_pair, monkeypatch, per_file):
         del w
         gc.collect()
         assert not any(lo <= ptr < hi for lo, hi in _mapped_ranges(shard))
+
+
+def test_mmap_per_file_argument(tiny_pair, monkeypatch):
+    """The shard reader's per-file switch is an argument; the environment variable is only its default."""
+    o, _ = tiny_pair
+    infos, _, _ = chk.list_tensors(o)
+    monkeypatch.delenv("PHIMM_MMAP_PER_FILE", raising=False)
+    assert orig.MappedShards(infos, per_file=True).per_file
+    monkeypatch.setenv("PHIMM_MMAP_PER_FILE", "1")
+    assert orig.MappedShards(infos).per_file
+    if os.name == "posix":
+        assert not orig.MappedShards(infos, per_file=False).per_file
+    monkeypatch.delenv("PHIMM_MMAP_PER_FILE")
+    a = orig.load(o, dtype=torch.bfloat16, mmap_per_file=True)
+    b = orig.load(o, dtype=torch.bfloat16)
+    sa, sb = a.hf_model.state_dict(), b.hf_model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_bf16_pipelines_match(tiny_pair):

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from . import original_keys
+from .empty import build_empty, tied_keys
+from .layout import PHIMM_FILE, adapter_folders, detect_layout
 
 INDEX_FILE = "model.safetensors.index.json"
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -143,7 +146,7 @@ class CheckReport:
     path: Path
     layout: str
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    expected: Any = None  # phimm.formats.original.ExpectedTensors for the original layout
+    expected: Any = None  # phimm.formats.original_keys.ExpectedTensors for the original layout
     expected_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     missing: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     unexpected: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)  # key, shape, file
@@ -221,8 +224,6 @@ def check(path: str | Path, *, model=None, raise_on_error: bool = True) -> Check
     """Compare the checkpoint's safetensors headers with its `config.json`; `model`: the model already built on
     `meta` from that config (to avoid building it twice). Raises `CheckpointError` unless `raise_on_error` is
     False (then look at `report.ok`)."""
-    from ..checkpoint import detect_layout
-
     path = Path(path)
     layout = detect_layout(path)
     report = CheckReport(path, layout)
@@ -249,11 +250,9 @@ def _compare(report: CheckReport, expected: Mapping[str, tuple[int, ...]], prese
 
 
 def _compare_original(report: CheckReport, model) -> None:
-    from . import original
-
-    cfg = original.read_original_config(report.path)
+    cfg = original_keys.read_original_config(report.path)
     try:
-        exp = original.expected_tensors(cfg, model)
+        exp = original_keys.expected_tensors(cfg, model)
     except CheckpointError:
         raise
     except Exception as e:  # a config transformers cannot build a model from
@@ -262,7 +261,7 @@ def _compare_original(report: CheckReport, model) -> None:
     report.expected_shapes = dict(exp.shapes)
     _compare(report, exp.shapes, report.tensors)
     for name, spec in exp.lora.items():
-        keys = [k for k in report.tensors if (s := original.split_lora_key(k)) and s[2] == name]
+        keys = [k for k in report.tensors if (s := original_keys.split_lora_key(k)) and s[2] == name]
         report.adapters[name] = {"r": spec.r, "alpha": spec.alpha, "tensors": len(keys),
                                  "bytes": sum(report.tensors[k].nbytes for k in keys)}
     _hints(report, lora={n: s.r for n, s in exp.lora.items()})
@@ -283,16 +282,13 @@ def _lin_shape(exp, path: str) -> tuple[int, int]:
 def _compare_native(report: CheckReport, model) -> None:
     from transformers import Phi4MultimodalConfig
 
-    from ..checkpoint import PHIMM_FILE, adapter_folders
-    from . import original
-
     try:
         cfg = Phi4MultimodalConfig.from_pretrained(str(report.path))
     except Exception as e:
         raise CheckpointError(f"{report.path}/config.json: not a Phi-4-multimodal config: {e}") from e
     if model is None:
-        model = original.build_empty(cfg)
-    tied = set(original._tied_keys(model))
+        model = build_empty(cfg)
+    tied = set(tied_keys(model))
     expected = {k: tuple(t.shape) for k, t in model.state_dict().items() if k not in tied}
     report.expected_shapes = expected
     _compare(report, expected, report.tensors)

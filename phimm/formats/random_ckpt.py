@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from . import original as orig
-from .check import INDEX_FILE
+from . import original_keys as orig
+from .check import INDEX_FILE, check
+from .shards import ST_DTYPES, MappedShards
 
 DEFAULT_SHARD_SIZE = 5_000_000_000  # what the published checkpoint used (greedy, in module order)
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -457,16 +458,14 @@ def convert_original_to_hf(src: str | Path, dst: str | Path, *, shard_size: int 
     """Convert an original-layout checkpoint to transformers' native layout (what transformers' converter
     does), tensor by tensor from the memory-mapped shards: it never holds more than one tensor in memory. The
     tokenizer files are copied."""
-    from .check import check
-
     src, dst = Path(src), Path(dst)
     report = check(src)
     config = orig.read_original_config(src)
-    shards = orig.MappedShards(report.tensors)
+    shards = MappedShards(report.tensors)
     dtypes = {t.dtype for t in report.tensors.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in ("BF16", "F16", "F32", "F64"):
         raise CheckpointError(f"{src}: expected one floating dtype in the shards, found {sorted(dtypes)}")
-    dtype = orig.ST_DTYPES[next(iter(dtypes))]
+    dtype = ST_DTYPES[next(iter(dtypes))]
     shapes = {k: t.shape for k, t in report.tensors.items()}
     order = list(report.expected.shapes)  # module order
     shapes = {k: shapes[k] for k in order}

@@ -1,0 +1,137 @@
+"""Tensors of safetensors files as views of memory maps: nothing is read until a tensor is used, and a tensor
+already in the wanted dtype is the file's pages (no second copy in memory).
+
+`MappedShards(tensors, per_file=...)` maps either
+
+- each tensor on its own (the default on POSIX, through libc's `mmap` / `munmap` via ctypes), so that a tensor
+  the runtime replaces (say, by a re-laid-out copy for oneDNN) gives its pages back when it is dropped; or
+- each file once (`per_file=True`, and always where the per-tensor maps are not available: non-POSIX systems, or
+  no usable libc), its tensors sharing that map (`torch.UntypedStorage.from_file`); pages come back only when
+  every tensor of the file is gone.
+
+`per_file=None` (the default) takes the choice from the environment variable `PHIMM_MMAP_PER_FILE`: set to any
+non-empty value, one map per file; unset or empty, one map per tensor where the OS allows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+PER_FILE_ENV = "PHIMM_MMAP_PER_FILE"
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def per_file_default() -> bool:
+    """`per_file` when it is not given: True when `PHIMM_MMAP_PER_FILE` is set to a non-empty value."""
+    return bool(os.environ.get(PER_FILE_ENV))
+
+
+class MappedShards:
+    """Tensors of safetensors files as views of private (copy-on-write) memory maps: writing to a tensor never
+    changes the file, and nothing is read until a tensor is used.
+
+    `tensors`: key -> an entry with `.file` (Path), `.dtype` (safetensors name), `.shape` and `.start` (absolute
+    byte offset in the file) / `.nbytes` (`phimm.formats.check.TensorInfo`, as `check()` / `list_tensors()` give
+    them).
+
+    `per_file`: False maps each tensor on its own where the OS allows (POSIX), so that a dropped tensor gives its
+    pages back; True maps each file once, shared by its tensors (what non-POSIX systems always get); None (the
+    default) is True when the environment variable `PHIMM_MMAP_PER_FILE` is set to a non-empty value, else
+    False. `self.per_file` says which one is in use."""
+
+    def __init__(self, tensors: Mapping[str, Any], per_file: bool | None = None):
+        self.tensors = dict(tensors)
+        self._bytes: dict[Path, torch.Tensor] = {}
+        if per_file is None:
+            per_file = per_file_default()
+        self._libc = None if per_file else _libc_mmap()
+
+    @property
+    def per_file(self) -> bool:
+        """Whether the tensors share one map per file (True) or each has its own (False)."""
+        return self._libc is None
+
+    def _file_bytes(self, file: Path) -> torch.Tensor:
+        t = self._bytes.get(file)
+        if t is None:
+            size = os.path.getsize(file)
+            storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=size)
+            t = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
+            self._bytes[file] = t
+        return t
+
+    def _map(self, file: Path, start: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` bytes of `file` from `start`, as a uint8 tensor over a map of their own (unmapped when the
+        last tensor viewing it is freed)."""
+        import ctypes
+        import mmap
+        import weakref
+
+        libc = self._libc
+        page = mmap.ALLOCATIONGRANULARITY
+        off = start - start % page
+        length = start + nbytes - off
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, off)
+        finally:
+            os.close(fd)  # the map stays valid without the descriptor
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise CheckpointError(f"{file}: cannot map bytes {start}..{start + nbytes}: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+        buf = (ctypes.c_uint8 * length).from_address(addr)
+        weakref.finalize(buf, libc.munmap, addr, length)  # torch.frombuffer keeps `buf` alive while in use
+        return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start - off)
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.tensors[key]
+        dtype = ST_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{info.file.name}: tensor {key} has dtype {info.dtype}, which phimm cannot read")
+        if info.nbytes == 0:
+            return torch.empty(tuple(info.shape), dtype=dtype)
+        if self._libc is not None:
+            raw = self._map(info.file, info.start, info.nbytes)
+        else:
+            raw = self._file_bytes(info.file)[info.start : info.start + info.nbytes]
+        if info.start % dtype.itemsize:
+            raw = raw.clone()  # not aligned for a view: copy this one tensor
+        return raw.view(dtype).view(tuple(info.shape))
+
+    def close(self) -> None:
+        """Drop this object's whole-file maps (tensors still viewing a map keep it)."""
+        self._bytes.clear()
+
+
+def _libc_mmap():
+    """libc's mmap / munmap through ctypes (POSIX), or None where they are not available."""
+    import ctypes
+    import ctypes.util
+
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+__all__ = ["PER_FILE_ENV", "ST_DTYPES", "MappedShards", "per_file_default"]
