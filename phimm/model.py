@@ -107,8 +107,6 @@ class FeatureCache:
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
 
-    def clear(self) -> None:
-        self.entries.clear()
 
 
 class Phi4MMComposition(nn.Module):
@@ -153,9 +151,6 @@ class Phi4MMComposition(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device
-
-    def audio_projectors(self) -> set[AudioProjector]:
-        return {AudioProjector.SPEECH, AudioProjector.VISION_SPEECH}
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> None:
@@ -316,5 +311,3 @@ class Phi4MMComposition(nn.Module):
             raise UnknownAdapterError(
                 f"unknown adapter {adapter!r}; this model has {self.adapter_names or 'no adapters'}"
             )
-        if projector is not None and projector not in self.audio_projectors():
-            raise RouteError(f"this checkpoint has no {projector.value} audio projector")

@@ -90,7 +90,7 @@ def test_feature_cache_returns_what_the_encoder_would(tiny_ckpt):
     assert cache.hits >= 2 and cache.misses == misses  # image and audio both served from the cache
     assert torch.equal(first.logits, again.logits)
     cache.capacity = 0
-    cache.clear()
+    cache.entries.clear()
     cold = pipe(req, max_new_tokens=3, output_logits=True)
     assert torch.equal(first.logits, cold.logits)
 

@@ -10,7 +10,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -569,15 +569,6 @@ def lora_adapter(name: str, sd: dict[str, torch.Tensor], r: int, alpha: float | 
 
 
 # ---------------------------------------------------------------- LM loss over mixed embeddings
-
-
-@dataclass
-class Example:
-    """One training row: prompt ids (media positions hold placeholder ids), answer ids, media embeddings."""
-
-    prompt: list[int]
-    answer: list[int]
-    extra: dict = field(default_factory=dict)
 
 
 class AnswerBody(nn.Module):
