@@ -95,6 +95,25 @@ def route_details(route) -> str:
     return f"adapter `{adapter}`, audio projector `{proj}`"
 
 
+def left_out_note(left_out: dict[str, int]) -> str:
+    """"earlier image left out", "2 earlier audio clips left out", ...: the media a request did not carry."""
+    names = {"image": ("image", "images"), "audio": ("audio clip", "audio clips")}
+    parts = []
+    for kind in ("image", "audio"):
+        n = left_out.get(kind, 0)
+        if n:
+            parts.append(f"earlier {names[kind][0]}" if n == 1 else f"{n} earlier {names[kind][1]}")
+    if not parts:
+        return ""
+    return " and ".join(parts) + " left out"
+
+
+def footer_text(route, tail: str, note: str = "") -> str:
+    """An answer's footer: its route, then `tail` (timings or "generating…"), then a note if any."""
+    text = f"route **{route_text(route)}** ({route_details(route)}) · {tail}"
+    return f"{text} · {note}" if note else text
+
+
 def timing_text(ttft_s: float | None, tokens_per_s: float | None, n_tokens: int | None = None) -> str:
     parts = [f"first token {ttft_s:.2f} s" if ttft_s is not None else "first token —"]
     parts.append(f"{tokens_per_s:.1f} tok/s" if tokens_per_s else "— tok/s")
@@ -181,19 +200,44 @@ class DemoChat:
             parts.append({"type": "text", "text": text})
         return parts
 
-    def make_request(self, history: list[dict], text: str, image: str | None, audio: str | None) -> phimm.Request:
-        """A chat request: the last `history_turns` answered turns (media stay in their turns), then this one."""
+    def build_request(self, history: list[dict], text: str, image: str | None,
+                      audio: str | None) -> tuple[phimm.Request, dict[str, int]]:
+        """A chat request and what it left out: the last `history_turns` answered turns, then this one.
+
+        The model was trained on one image and one audio clip per request, so the request carries at most one
+        of each: the latest image and the latest audio clip of the conversation (this turn's own first). An
+        earlier image is left out when a later turn (this one included) brings an image, and likewise for
+        audio; the earlier turns' text and answers stay. Returns (request, {"image": n, "audio": n} left out);
+        an earlier turn left with nothing to send (it was only a medium) is left out with its answer."""
         if image:
             self.check_upload(image, "image")
         if audio:
             self.check_upload(audio, "audio")
-        messages = []
         answered = [t for t in history if not t.get("error") and t.get("done")]
-        for t in answered[-self.limits.history_turns:] if self.limits.history_turns > 0 else []:
-            messages.append({"role": "user", "content": self._parts(t["text"], t["image"], t["audio"])})
-            messages.append({"role": "assistant", "content": t["answer"]})
+        sent = answered[-self.limits.history_turns:] if self.limits.history_turns > 0 else []
+        # the turn whose medium of each kind is sent: this one (index len(sent)) if it has one, else the latest
+        keep = {kind: len(sent) if new else max((i for i, t in enumerate(sent) if t.get(kind)), default=None)
+                for kind, new in (("image", image), ("audio", audio))}
+        left_out = {"image": 0, "audio": 0}
+        messages = []
+        for i, t in enumerate(sent):
+            media = {}
+            for kind in ("image", "audio"):
+                if t.get(kind) and i == keep[kind]:
+                    media[kind] = t[kind]
+                elif t.get(kind):
+                    left_out[kind] += 1
+            parts = self._parts(t.get("text") or "", media.get("image"), media.get("audio"))
+            if not parts:
+                continue
+            messages.append({"role": "user", "content": parts})
+            messages.append({"role": "assistant", "content": t.get("answer") or ""})
         messages.append({"role": "user", "content": self._parts(text, image, audio)})
-        return phimm.Request(messages=messages)
+        return phimm.Request(messages=messages), left_out
+
+    def make_request(self, history: list[dict], text: str, image: str | None, audio: str | None) -> phimm.Request:
+        """A chat request (see `build_request`): at most one image and one audio clip, the latest of each."""
+        return self.build_request(history, text, image, audio)[0]
 
     def generation(self, max_new_tokens=None, do_sample=False, temperature=1.0, top_p=1.0) -> dict:
         n = self.limits.max_new_tokens if max_new_tokens in (None, "") else int(max_new_tokens)
@@ -267,7 +311,8 @@ class DemoChat:
         yield to_messages(turns), turns, "", None, None, "waiting for the model…"
 
         try:
-            request = self.make_request(turns[:-1], text, image, audio)
+            request, left_out = self.build_request(turns[:-1], text, image, audio)
+            turn["note"] = left_out_note(left_out)
             gen = self.generation(max_new_tokens, do_sample, temperature, top_p)
             GenerationOptions.from_kwargs(None, **gen)  # bad settings: an error before queueing
         except Exception as e:  # noqa: BLE001
@@ -281,7 +326,7 @@ class DemoChat:
             if kind == "route":
                 route = event[1]
                 turn["route"] = route_text(route)
-                turn["footer"] = f"route **{route_text(route)}** ({route_details(route)}) · generating…"
+                turn["footer"] = footer_text(route, "generating…", turn["note"])
                 yield to_messages(turns), turns, keep, keep, keep, f"Generating… route **{route_text(route)}**"
             elif kind == "start":
                 start = event[1]
@@ -297,7 +342,7 @@ class DemoChat:
         ttft = (first - start) if first and start else None
         speed = (n - 1) / (last - first) if first and last and last > first and n > 1 else None
         timing = timing_text(ttft, speed, n)
-        turn.update(done=True, footer=f"route **{route_text(route)}** ({route_details(route)}) · {timing}")
+        turn.update(done=True, footer=footer_text(route, timing, turn["note"]))
         status = f"Last answer: route **{route_text(route)}** ({route_details(route)}) · {timing}"
         yield to_messages(turns), turns, keep, keep, keep, status
 
@@ -307,6 +352,12 @@ class DemoChat:
         turn.update(answer="", footer="", error=msg, done=True)
         keep = gr.update()
         return to_messages(turns), turns, keep, keep, keep, f"Error: {msg}"
+
+    def respond_example(self, text, image, audio, turns=None, max_new_tokens=None, do_sample=False,
+                        temperature=1.0, top_p=1.0):
+        """The examples' handler: like `respond`, but the example starts a fresh conversation (its own turn
+        only), so the earlier turns' media and answers don't change its answer."""
+        yield from self.respond(text, image, audio, [], max_new_tokens, do_sample, temperature, top_p)
 
     def api_chat(self, text, image=None, audio=None):
         """The `/chat` API endpoint: (text, image file or None, audio file or None) -> (answer, route)."""
@@ -360,8 +411,9 @@ def _header(pipe, limits: Limits) -> str:
         "# phimm demo\n"
         f"Model **{name}** · adapters: {adapters}{' · ' + dtype if dtype else ''}. Ask about an image, an audio "
         "clip (upload or record), both, or neither: each answer shows the route the router picked (LoRA adapter "
-        f"and audio projector) and its timings. Uploads up to {limits.max_file_mb:g} MB, audio up to "
-        f"{limits.max_audio_s:g} s."
+        "and audio projector) and its timings. The model takes one image and one audio clip per request: a new "
+        "one replaces the conversation's earlier one, and each example starts a new conversation. Uploads up to "
+        f"{limits.max_file_mb:g} MB, audio up to {limits.max_audio_s:g} s."
     )
 
 
@@ -382,11 +434,13 @@ def build_app(pipe, *, limits: Limits | None = None, examples_dir: str | Path | 
         turns = gr.State([])
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Chat", elem_id="phimm-chat", height=480, feedback_options=None, buttons=["copy", "copy_all"],
+                chatbot = gr.Chatbot(label="Chat", elem_id="phimm-chat", height=480, feedback_options=None,
+                                     buttons=["copy", "copy_all"],
                                      placeholder="Ask a question, or click an example below.")
                 with gr.Row():
-                    text = gr.Textbox(placeholder="Ask about the image or the audio… (Enter sends)",
-                                      show_label=False, elem_id="phimm-text", scale=5, lines=1, max_lines=6)
+                    text = gr.Textbox(label="Message", show_label=False,
+                                      placeholder="Ask about the image or the audio… (Enter sends)",
+                                      elem_id="phimm-text", scale=5, lines=1, max_lines=6)
                     send = gr.Button("Send", variant="primary", elem_id="phimm-send", scale=1, min_width=80)
                 status = gr.Markdown("", elem_id="phimm-status")
                 with gr.Row():
@@ -416,7 +470,12 @@ def build_app(pipe, *, limits: Limits | None = None, examples_dir: str | Path | 
         if examples:
             ex = gr.Examples(examples=examples, inputs=[text, image, audio], label="Examples (click one to run it)",
                              examples_per_page=10, elem_id="phimm-examples")
-            events.append(ex.load_input_event.then(**run_kwargs))
+            # every column gets a header (the text box's label is hidden in the form, not in the table)
+            names = {text._id: "Message", image._id: "Image", audio._id: "Audio"}
+            ex.dataset.headers = [names.get(c._id, c.label or "") for c in ex.dataset._components]
+            # an example starts a fresh conversation (its own turn only); a chat turn still running is stopped
+            events.append(ex.load_input_event.then(**{**run_kwargs, "fn": chat.respond_example},
+                                                   cancels=list(events)))
 
         def stop_turn(ts):
             ts = [dict(t) for t in (ts or [])]

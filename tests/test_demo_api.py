@@ -241,3 +241,79 @@ def test_ui_streams_piece_by_piece_and_survives_internal_errors(media):
     sent = pipe.requests[-1].messages
     assert [m["role"] for m in sent] == ["user", "assistant", "user"]
     assert sent[1]["content"] == "The circle is red" and sent[0]["content"][0]["type"] == "image"
+
+
+def _sent_media(request) -> list[tuple[str, str]]:
+    """(role, medium kind or "text") for every part of every message sent to the model, in order."""
+    out = []
+    for m in request.messages:
+        parts = m["content"] if isinstance(m["content"], list) else [{"type": "text"}]
+        out += [(m["role"], p["type"]) for p in parts]
+    return out
+
+
+def test_new_medium_replaces_the_earlier_one_of_its_kind(media):
+    """The model takes one image and one audio clip per request: a turn with a new image leaves the earlier image
+    out of the request (its text and answer stay), while an earlier audio clip stays when the new turn has only an
+    image; the turn's footer says what was left out."""
+    import shutil
+
+    from demo.app import DemoChat, Limits
+
+    pipe = _FakePipe()
+    chat = DemoChat(pipe, Limits(max_new_tokens=4))
+    first, second = media / "picture.png", media / "picture2.png"
+    shutil.copy(first, second)
+
+    *_, last = chat.respond("what color is the circle", str(first), None, [])
+    turns = last[1]
+    *_, last = chat.respond("what does it say", None, str(media / "tone.wav"), turns)  # the image stays
+    turns = last[1]
+    assert [p["image"] for p in pipe.requests[-1].messages[0]["content"] if p["type"] == "image"] == [str(first)]
+    assert "left out" not in last[0][-1]["content"]
+
+    *_, last = chat.respond("and in this one?", str(second), None, turns)  # a new image, no audio
+    sent = pipe.requests[-1]
+    images = [p["image"] for m in sent.messages if isinstance(m["content"], list)
+              for p in m["content"] if p["type"] == "image"]
+    assert images == [str(second)], "the earlier image must not be sent with a new one"
+    assert _sent_media(sent) == [
+        ("user", "text"), ("assistant", "text"),  # turn 1: its text and answer stay, its image is left out
+        ("user", "audio"), ("user", "text"), ("assistant", "text"),  # turn 2: the audio stays (no new audio)
+        ("user", "image"), ("user", "text"),  # this turn
+    ]
+    assert sent.messages[0]["content"] == [{"type": "text", "text": "what color is the circle"}]
+    assert sent.messages[-1]["content"][0] == {"type": "image", "image": str(second)}
+    footer = last[0][-1]["content"]
+    assert "earlier image left out" in footer and "audio" not in footer.split("·")[-1], footer
+    assert last[1][-1]["done"] and not last[1][-1]["error"]
+
+    # a new audio clip leaves the earlier one out too; the latest image (turn 3's) stays
+    *_, last = chat.respond("and now?", None, str(media / "tone.wav"), last[1])
+    kinds = [k for _, k in _sent_media(pipe.requests[-1])]
+    assert kinds.count("image") == 1 and kinds.count("audio") == 1
+    assert "earlier image and earlier audio clip left out" in last[0][-1]["content"]  # turn 1's image too
+
+
+def test_examples_start_a_fresh_conversation_and_have_headers(media):
+    """An example's handler sends only the example's own turn; every examples column has a header."""
+    from demo.app import DemoChat, Limits, build_app, load_examples
+
+    pipe = _FakePipe()
+    chat = DemoChat(pipe, Limits(max_new_tokens=4))
+    *_, last = chat.respond("what color is the circle", str(media / "picture.png"), None, [])
+    *_, last = chat.respond_example("the star is red . what color is the star ?", None, None, last[1])
+    messages, turns, *_ = last
+    assert len(turns) == 1 and turns[0]["text"].startswith("the star is red")
+    assert [m["role"] for m in pipe.requests[-1].messages] == ["user"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+
+    examples = load_examples()
+    if not examples:
+        pytest.skip("no bundled examples")
+    app = build_app(_FakePipe())
+    config = app.get_config_file()
+    datasets = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "phimm-examples"]
+    assert len(datasets) == 1
+    headers = datasets[0]["props"]["headers"]
+    assert headers == ["Message", "Image", "Audio"], headers

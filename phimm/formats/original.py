@@ -80,7 +80,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str |
         model = dispatch(model, device_map, dtype)
     elif torch.device(device).type != "cpu":
         model.to(device)
-    meta = {"prompt_style": "original", "source_layout": "original",
+    meta = {"source_layout": "original",
             "lora": {n: {"r": s.r, "alpha": s.alpha, "dropout": s.dropout} for n, s in expected.lora.items()}}
     return Loaded(model, adapters, meta, layout="original")
 
