@@ -43,11 +43,11 @@ def cmd_run(args) -> int:
     if args.temperature is not None:
         gen.update(do_sample=True, temperature=args.temperature)
     if args.stream:
-        for piece in pipe.stream(req, **gen):
+        stream = pipe.stream(req, **gen)
+        for piece in stream:
             print(piece, end="", flush=True)
         print()
-        route = pipe.prepare(req)[1]
-        print(f"[route: {route}]", file=sys.stderr)
+        print(f"[route: {stream.route}]", file=sys.stderr)
         return 0
     out = pipe(req, **gen)
     print(out.text)
