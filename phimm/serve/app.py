@@ -233,6 +233,17 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
                 stream.cancel()
             state.metrics.request(str(stream.route), status)
 
+    async def final_output(request: Request, stream, arrival: float):
+        """A non-streamed request's `Output` (None if the client went away); its error raised as an APIError."""
+        out = None
+        async for batch in deltas(request, stream, arrival, watch_disconnect=True):
+            out = batch[-1].output
+        if out is None or out.finish_reason == "cancelled":
+            return None
+        if out.error is not None:
+            raise from_phimm_error(out.error, config.retry_after_s)
+        return out
+
     # ---- endpoints -----------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -266,13 +277,9 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
         stream = await open_stream(request, pipe, call.request, arrival, **call.generation)
         cid, created, model = new_id("chatcmpl"), int(time.time()), state.model_name
         if not call.stream:
-            out = None
-            async for batch in deltas(request, stream, arrival, watch_disconnect=True):
-                out = batch[-1].output
-            if out is None or out.finish_reason == "cancelled":
-                return Response(status_code=499)
-            if out.error is not None:
-                raise from_phimm_error(out.error, config.retry_after_s)
+            out = await final_output(request, stream, arrival)
+            if out is None:
+                return Response(status_code=499)  # the client went away
             return chat_completion(cid, model, out, created)
 
         async def events():
@@ -327,13 +334,9 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
         language = form.get("language") or None
 
         if not want_stream:
-            out = None
-            async for batch in deltas(request, stream, arrival, watch_disconnect=True):
-                out = batch[-1].output
-            if out is None or out.finish_reason == "cancelled":
-                return Response(status_code=499)
-            if out.error is not None:
-                raise from_phimm_error(out.error, config.retry_after_s)
+            out = await final_output(request, stream, arrival)
+            if out is None:
+                return Response(status_code=499)  # the client went away
             media_type, body = transcription_body(fmt, out.text.strip(), seconds, language, out)
             if isinstance(body, str):
                 return PlainTextResponse(body, media_type=media_type)
