@@ -436,14 +436,14 @@ def test_resampling_keeps_length_and_pitch(tmp_path, rate):
 def test_resampler_is_cached():
     x = _tone(440, 44100, 0.05)
     load_audio((x, 44100))
-    before = media._resampler.cache_info()
+    before = media.audio._resampler.cache_info()
     load_audio((x, 44100))
-    after = media._resampler.cache_info()
+    after = media.audio._resampler.cache_info()
     assert after.hits == before.hits + 1 and after.misses == before.misses
 
 
 def test_odd_rate_uses_fft_path_and_keeps_pitch():
-    assert media._kernel_elements(16001, 16000) > media._MAX_RESAMPLE_KERNEL  # torchaudio would need ~1 GB
+    assert media.audio._kernel_elements(16001, 16000) > media.audio._MAX_RESAMPLE_KERNEL  # torchaudio would need ~1 GB
     out = load_audio((_tone(440, 16001, 1.0), 16001))
     assert len(out) == 16000 and abs(_peak_hz(out, 16000) - 440) <= 1.0
     assert abs(np.abs(out[2000:-2000]).max() - 0.5) < 0.02
@@ -479,7 +479,7 @@ def test_stereo_and_six_channel_mixdown(tmp_path):
 
 
 def test_long_file_read_in_blocks(tmp_path):
-    n = media._READ_BLOCK + 1000  # more than one block
+    n = media.audio._READ_BLOCK + 1000  # more than one block
     left = np.linspace(-0.5, 0.5, n, dtype=np.float32)
     p = tmp_path / "long_stereo.wav"
     sf.write(p, np.stack([left, -left * 0.5], axis=1), 16000, subtype="FLOAT")

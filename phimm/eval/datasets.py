@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from phimm.errors import AudioError, ImageError, MediaError, PhimmError
+from phimm.errors import AudioError, ImageError, PhimmError
 from phimm.media.audio import decode_audio, mix_down
 
 __all__ = [
@@ -81,7 +81,7 @@ class ArrowAudioCell:
         if value.get("bytes") is not None:
             try:
                 return decode_audio(value["bytes"])
-            except MediaError as e:
+            except Exception as e:
                 raise AudioError(f"row {self.row}: cannot decode the audio bytes: {e}") from e
         if value.get("array") is not None:
             if value.get("sampling_rate") is None:

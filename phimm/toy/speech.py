@@ -204,19 +204,11 @@ def add_noise(x: np.ndarray, snr_db: float, rng) -> np.ndarray:
     return np.clip(x + noise, -1.0, 1.0).astype(np.float32)
 
 
-@lru_cache(maxsize=16)
-def _resampler(orig: int, new: int):
-    import torchaudio
-
-    return torchaudio.transforms.Resample(orig, new)
-
-
 def resample(x: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
-    """Resample mono float32 audio (cached torchaudio kernel)."""
+    """Resample mono float32 audio with phimm.media's resampler (torchaudio's cached sinc kernel), clipped to
+    [-1, 1]; equal rates give the samples unchanged (not clipped)."""
     if orig_sr == new_sr:
         return np.asarray(x, dtype=np.float32)
-    import torch
+    from phimm.media.audio import resample as media_resample  # deferred: torch / torchaudio only when needed
 
-    with torch.no_grad():
-        y = _resampler(int(orig_sr), int(new_sr))(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    return np.clip(y.numpy(), -1.0, 1.0).astype(np.float32)
+    return np.clip(media_resample(x, int(orig_sr), int(new_sr)), -1.0, 1.0).astype(np.float32)
