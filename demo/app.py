@@ -36,10 +36,7 @@ import phimm  # noqa: E402
 from phimm.errors import AudioError, ImageError, PhimmError  # noqa: E402
 from phimm.generation import GenerationOptions  # noqa: E402
 
-try:
-    from phimm.media import audio_duration
-except ImportError:  # an older phimm without phimm.media: skip the duration check before loading
-    audio_duration = None
+from phimm.media import audio_duration  # noqa: E402
 
 log = logging.getLogger("phimm.demo")
 
@@ -183,7 +180,7 @@ class DemoChat:
         if size > self.limits.max_file_bytes:
             raise err(f"the {kind} file is {_mb(size)}; this demo accepts files up to "
                       f"{self.limits.max_file_mb:g} MB")
-        if kind == "audio" and audio_duration is not None:
+        if kind == "audio":
             seconds = audio_duration(path)  # reads the header only; raises AudioError on a broken file
             if seconds > self.limits.max_audio_s:
                 raise AudioError(f"the audio clip is {seconds:.1f} s long; this demo accepts clips up to "
