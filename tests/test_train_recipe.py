@@ -361,7 +361,8 @@ def test_vision_encoder_batches_reuse_each_scene_for_cell_reuse_steps():
     scene serves k consecutive steps; a resumed run (empty cache) draws the same batch; k=1 is `fresh_batch`."""
     import random
 
-    from phimm.train.common import PRESETS, Options, fresh_model
+    from phimm.train.common import Options, fresh_model
+    from phimm.train.options import PRESETS
     from phimm.train.vision import fresh_batch, reused_batch
 
     opts = Options(**{**PRESETS["test"], "cell_batch": 6, "cell_reuse": 3})
@@ -386,7 +387,9 @@ def test_vision_encoder_crops_equal_the_processor():
     import random
 
     from phimm.toy.images import render_scene
-    from phimm.train.common import PRESETS, Options, fresh_model, random_layout_scene
+    from phimm.toy.scenes import random_layout_scene
+    from phimm.train.common import Options, fresh_model
+    from phimm.train.options import PRESETS
     from phimm.train.vision import scene_crops
 
     proc, _ = fresh_model(Options(**PRESETS["test"]), 0)

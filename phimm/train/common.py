@@ -10,7 +10,6 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from adapters import LoraLinear, RowAdapters, unwrap_targets, wrap_targets
 from ..model import PHI4MM_LORA_TARGETS
 from ..tokenizer import AUDIO_TOKEN, IMAGE_TOKEN
 from ..toy import domain
+from .options import Options
 
 # ---------------------------------------------------------------- the soft-token vocabulary
 
@@ -36,112 +36,6 @@ END = "<|end|>"
 
 def cell_class(color: str, kind: str) -> int:
     return CELL_CLASSES.index(f"[{color}_{kind}]")
-
-
-@dataclass
-class Options:
-    """Everything a run depends on (written to `{run}/options.json`; a resumed run reuses it)."""
-
-    seed: int = 0
-    # model sizes
-    lm_hidden: int = 128
-    lm_layers: int = 4
-    lm_heads: int = 4
-    lm_kv_heads: int = 2
-    lm_intermediate: int = 384
-    vocab: int = 464
-    # each of the domain's two instructions this many times in the tokenizer's corpus, so that they become a few
-    # whole-word tokens (0: not added; then "Transcribe the audio clip into text." is 12 tokens, else 7); with it
-    # the vocabulary needs more room (vocab=464)
-    tokenizer_prompts: int = 300
-    vision_hidden: int = 96
-    vision_layers: int = 4
-    audio_hidden: int = 96
-    audio_blocks: int = 3
-    audio_conv_channels: int = 32
-    crop: int = 128
-    patch: int = 16
-    lora_r: int = 8
-    # stage sizes
-    lm_steps: int = 11500
-    # torch.compile the LM's decoder for its stage: about 1.4x faster steps on this machine; falls back to eager
-    # (with the reason logged) if compiling fails
-    lm_compile: bool = True
-    lm_batch: int = 32
-    lm_lr: float = 2e-3
-    lm_weight_decay: float = 0.1  # AdamW weight decay of the LM stage (0.01 found the slot binding later, v19)
-    # how often each task makes a batch after the `lm_first` phases (lm.TASKS: name:weight, relative)
-    lm_task_weights: str = "asr:0.25,vqa:0.35,svqa:0.3,text:0.1"
-    # how often each type of scene question is asked when the scene allows it (domain.QUESTION_TYPES: name:weight,
-    # relative; a type not named weighs 1), e.g. "is_there:2" ("is there": colour and shape bound together)
-    lm_question_weights: str = "is_there:2,what_color:1.5,what_shape:1.5"
-    # of the "is there" questions answered "no", the share asking for a colour or a shape the scene has (the
-    # domain's generator: 0.5); without them a LM may answer by the shape alone
-    lm_near_no: float = 0.8
-    lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
-    lm_first: str = "asr:1000"  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
-    lm_mixed_batches: bool = False  # one task per example instead of per batch
-    # the LM stages run a batch as this many parts of rows of similar length (less padding; the loss is the
-    # batch's mean over its answer tokens all the same)
-    lm_chunks: int = 2
-    # stage `lm_anneal`: after the LM stage, the decoder alone (embeddings frozen) trains `lm_anneal_steps` more
-    # steps from a fresh optimiser at a lower peak rate, on its own task mix (0 steps: the stage does nothing)
-    lm_anneal_steps: int = 1500
-    lm_anneal_lr: float = 7e-4
-    lm_anneal_task_weights: str = "asr:0.1,vqa:0.2,svqa:0.6,text:0.1"
-    # the frames a word spans in the anneal's noisy transcripts ("min-max"; the LM stage: 2-6)
-    lm_anneal_word_frames: str = "2-6"
-    # > 0: this many spoken questions (training voices) go through the trained speech encoder, and the anneal's
-    # spoken-question examples read their CTC posteriors as soft frames (sum_k p_k E[k], what the projectors are
-    # fitted to emit) instead of synthetic noisy transcripts
-    lm_anneal_spoken: int = 3000
-    asr_samples: int = 6000
-    ctc_steps: int = 3000
-    ctc_batch: int = 24
-    proj_steps: int = 1500
-    speech_e2e_steps: int = 600
-    e2e_batch: int = 16
-    vqa_samples: int = 3000
-    cell_steps: int = 13500
-    cell_batch: int = 16
-    cell_lr: float = 1e-3
-    # each drawn training scene serves this many consecutive vision-encoder steps (a step draws
-    # ceil(cell_batch / cell_reuse) new ones): drawing and processing a scene costs about as much as training on it
-    cell_reuse: int = 1
-    # > 0: the share of the vision encoder's training scenes drawn with a white shape on a light background (the
-    # scene generator makes about 0.22 of them so): low contrast makes these the encoder's worst shapes
-    cell_faint: float = 0.5
-    vision_e2e_steps: int = 1000
-    svqa_samples: int = 2500
-    vs_steps: int = 1000
-    vs_lora_lr: float = 2e-3  # > 0: the vision-speech stage fine-tunes the vision LoRA too (spoken + written)
-    eval_asr: int = 150
-    eval_vqa: int = 200
-    eval_svqa: int = 150
-    eval_text: int = 60
-    workers: int = 2
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> "Options":
-        data = json.loads(path.read_text())
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-PRESETS: dict[str, dict] = {
-    "full": {},
-    # the end-to-end test: a few hundred samples, tiny steps
-    "test": dict(lm_hidden=64, lm_layers=2, lm_intermediate=128, vision_hidden=32, vision_layers=1, audio_hidden=48,
-                 audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_first="asr:40", lm_compile=False,
-                 lm_anneal_steps=30, lm_anneal_spoken=48,
-                 lm_batch=16, asr_samples=240, ctc_steps=120,
-                 ctc_batch=16, proj_steps=300, speech_e2e_steps=25, e2e_batch=8, vqa_samples=160, cell_steps=80,
-                 cell_batch=16, vision_e2e_steps=25, svqa_samples=64, vs_steps=20, eval_asr=16, eval_vqa=24,
-                 eval_svqa=16, eval_text=12),
-}
 
 
 def setup_threads() -> None:
@@ -226,13 +120,6 @@ class Timer:
 
     def __call__(self) -> float:
         return time.time() - self.start
-
-
-def loop(stage: Stage, steps: int, start: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(range(start, steps), initial=start, total=steps, desc=f"{stage.name}:{desc}", mininterval=5,
-                disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1")
 
 
 # ---------------------------------------------------------------- tokenizer, config, base model
@@ -471,35 +358,6 @@ def grid_tokens(grid: list[list[int]], uh: int, uw: int, vocab: Vocab) -> list[i
     return out
 
 
-def random_layout_scene(rng: random.Random, faint: float = 0.0) -> domain.Scene:
-    """A toy-domain scene, square half of the time, else on a canvas widened or heightened (still 96..256); with
-    probability `faint` one with a white shape on a light background (the hardest shapes to see)."""
-    from ..toy.images import random_scene
-
-    side = rng.randint(96, 256)
-    if faint and rng.random() < faint:
-        scene = random_scene(rng, size=side, white_background=False, white_shape=1.0)
-    else:
-        scene = random_scene(rng, size=side)
-    return scene if rng.random() < 0.5 else widen(rng, scene)
-
-
-def widen(rng: random.Random, scene: domain.Scene) -> domain.Scene:
-    """The scene on a wider or taller canvas (shapes shifted), still 96..256 px a side."""
-    side = scene.width
-    if side >= 248:
-        return scene
-    other = rng.randint(side + 8, 256)
-    d = rng.uniform(0, other - side)
-    if rng.random() < 0.5:
-        shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0] + d, s.center[1]), s.size, s.rotation)
-                       for s in scene.shapes)
-        return domain.Scene(other, side, scene.background, shapes, scene.antialias)
-    shapes = tuple(domain.Shape(s.kind, s.color, (s.center[0], s.center[1] + d), s.size, s.rotation)
-                   for s in scene.shapes)
-    return domain.Scene(side, other, scene.background, shapes, scene.antialias)
-
-
 # ---------------------------------------------------------------- noisy transcripts (the audio's soft tokens)
 
 
@@ -657,15 +515,3 @@ def lm_batch_loss(hf, rows: list[list[int]], n_prompt: list[int], embed_fn=None,
     with torch.no_grad():
         right, count = int((logits.argmax(-1) == tgt[keep]).sum()), int(keep.sum())
     return (total, right, count) if sums else (total / count, right / count)
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def set_lr(opt, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from ..toy import domain
+from ..toy.scenes import random_layout_scene
 from .common import (AnswerBody, Options, bidirectional_vision, Stage, Timer, Vocab, build_config, build_processor,
-                     build_tokenizer, cosine_lr, grid_tokens, hd_geometry, lm_batch_loss, load_base, loop,
-                     noisy_frames, random_layout_scene, set_lr, slot_grid, stage_file)
+                     build_tokenizer, grid_tokens, hd_geometry, lm_batch_loss, load_base, noisy_frames, slot_grid,
+                     stage_file)
+from .trainer import train_loop, with_acc
 
 TASKS = ("asr", "vqa", "svqa", "text")
 
@@ -241,22 +243,6 @@ def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True, spoken: dic
     return out
 
 
-def train_steps(stage: Stage, hf, opt, params, start: int, steps: int, desc: str, timer: Timer, lr_at, loss_at) -> None:
-    """Steps `start`..`steps` of an LM stage: `lr_at(step)`, `loss_at(step) -> (loss, acc)`, clipped AdamW steps,
-    a log record every 10 steps and a resumable checkpoint every minute."""
-    for step in loop(stage, steps, start, desc):
-        set_lr(opt, lr_at(step))
-        loss, acc = loss_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            stage.log(step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
-        if stage.due():
-            stage.checkpoint(step + 1, timer(), opt, model=hf)
-
-
 def run(run_dir, opts: Options) -> None:
     from transformers import Phi4MultimodalForCausalLM
 
@@ -280,10 +266,11 @@ def run(run_dir, opts: Options) -> None:
         stage.log(event="start", eval_acc=eval_acc(hf, opts, vocab))
     timer = Timer(before)
     body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
-    train_steps(stage, hf, opt, params, start, opts.lm_steps, "text", timer,
-                lambda step: cosine_lr(step, opts.lm_steps, opts.lm_lr, warmup=min(100, opts.lm_steps // 10)),
-                lambda step: run_loss(hf, batch(step, opts, vocab, opts.lm_batch), vocab, body,
-                                      chunks=opts.lm_chunks))
+    train_loop(stage, opt, opts.lm_steps,
+               with_acc(lambda step: run_loss(hf, batch(step, opts, vocab, opts.lm_batch), vocab, body,
+                                              chunks=opts.lm_chunks)),
+               peak=opts.lm_lr, warmup=min(100, opts.lm_steps // 10), desc="text", start=start, clip=params,
+               checkpoint={"model": hf}, timer=timer)
     final = eval_acc(hf, opts, vocab)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)
@@ -390,10 +377,11 @@ def run_anneal(run_dir, opts: Options) -> None:
     timer = Timer(before)
     body = compiled_body(hf, opts, vocab, stage) if opts.lm_compile else None
     steps = opts.lm_anneal_steps
-    train_steps(stage, hf, opt, params, start, steps, "anneal", timer,
-                lambda step: cosine_lr(step, steps, opts.lm_anneal_lr, warmup=min(50, steps // 10)),
-                lambda step: run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch, spoken), vocab, body,
-                                      compound=False, chunks=opts.lm_chunks))
+    train_loop(stage, opt, steps,
+               with_acc(lambda step: run_loss(hf, anneal_batch(step, opts, vocab, opts.lm_batch, spoken), vocab,
+                                              body, compound=False, chunks=opts.lm_chunks)),
+               peak=opts.lm_anneal_lr, warmup=min(50, steps // 10), desc="anneal", start=start, clip=params,
+               checkpoint={"model": hf}, timer=timer)
     final = eval_acc(hf, opts, vocab, compound=False, spoken=spoken)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)

@@ -19,20 +19,18 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (AUDIO_EMBED, SPEECH_PROJ, WORDS, add_train_lora, train_rows, apply_parts, cosine_lr, fresh_model,
-                     lm_batch_loss, load_base, loop, lora_state, Options, remove_train_lora, save_parts, set_lr,
-                     Stage, stage_file, Timer, Vocab, word_labels)
+from .common import (AUDIO_EMBED, SPEECH_PROJ, WORDS, add_train_lora, train_rows, apply_parts, fresh_model,
+                     lm_batch_loss, load_base, lora_state, Options, remove_train_lora, save_parts, Stage, stage_file,
+                     Timer, Vocab, word_labels)
+from .trainer import progress, train_loop, with_acc
 
 
 def make_clips(proc, kind: str, n: int, seed: int, heldout: bool = False, start: int = 0, desc: str = "clips"):
     """[(features [T, 80], n_tokens, text)] of toy-domain utterances, features made as phimm's processor makes
     them at inference (any file sample rate, resampled by phimm.media)."""
-    from tqdm import tqdm
-    import os
-
     out = []
-    for s in tqdm(toy_data.iter_split(kind, n, seed, heldout=heldout, start=start), total=n, desc=desc,
-                  mininterval=10, disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1"):
+    for s in progress(toy_data.iter_split(kind, n, seed, heldout=heldout, start=start), total=n, desc=desc,
+                      mininterval=10):
         a = proc.process_audio((s["audio"], s["sample_rate"]))
         text = s["text"] if kind == "asr" else s["question"]
         out.append((a.features, a.num_tokens, text))
@@ -89,12 +87,6 @@ def encode(encoder, head, clips, batch: int = 32):
     return outs
 
 
-def wer(refs: list[str], hyps: list[str]) -> float:
-    import jiwer
-
-    return float(jiwer.wer(refs, hyps))
-
-
 FIT_ENCODED = "fit_encoded.pt"  # `encode` of the speech stage's clips, written by the speech_encoder stage
 
 
@@ -104,6 +96,8 @@ def fit_clips(opts: Options) -> int:
 
 
 def run_encoder(run_dir, opts: Options) -> None:
+    from ..eval.metrics import wer
+
     stage = Stage(run_dir, "speech_encoder")
     if stage.done:
         return
@@ -132,28 +126,23 @@ def run_encoder(run_dir, opts: Options) -> None:
     while len(plan) < opts.ctc_steps:
         plan += buckets(lengths, opts.ctc_batch, random.Random(f"ctc:{opts.seed}:{epoch}"))
         epoch += 1
-    for step in loop(stage, opts.ctc_steps, start, "ctc"):
-        set_lr(opt, cosine_lr(step, opts.ctc_steps, 2e-3, warmup=min(100, opts.ctc_steps // 10)))
+
+    def ctc_step(step):
         idx = plan[step]
         rng = random.Random(f"ctc-aug:{opts.seed}:{step}")
         x = spec_augment(pad_features([clips[i][0] for i in idx]), rng)
-        h = encoder(x, None)
-        logp = head(h).log_softmax(-1)
+        logp = head(encoder(x, None)).log_softmax(-1)
         n = torch.tensor([clips[i][1] for i in idx])
         targets = [torch.tensor(word_labels(clips[i][2])) for i in idx]
         loss = nn.functional.ctc_loss(logp.transpose(0, 1), torch.cat(targets), n,
                                       torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == opts.ctc_steps - 1:
-            stage.log(step=step, loss=round(loss.item(), 4))
-        if stage.due():
-            stage.checkpoint(step + 1, timer(), opt, encoder=encoder, head=head)
+        return loss, {}
+
+    train_loop(stage, opt, opts.ctc_steps, ctc_step, peak=2e-3, warmup=min(100, opts.ctc_steps // 10), desc="ctc",
+               start=start, clip=params, checkpoint={"encoder": encoder, "head": head}, timer=timer)
     encoder.eval()
     enc_dev = encode(encoder, head, dev)
-    dev_wer = wer([t for _, _, t in enc_dev], [ctc_greedy(lp, lp.shape[0]) for _, lp, _ in enc_dev])
+    dev_wer = wer([t for _, _, t in enc_dev], [ctc_greedy(lp, lp.shape[0]) for _, lp, _ in enc_dev])  # corpus WER
     stage.log(event="end", heldout_ctc_wer=round(dev_wer, 4))
     save_parts(hf, stage, (AUDIO_EMBED + "encoder.",))
     torch.save(head.state_dict(), stage.dir / "ctc_head.pt")
@@ -181,19 +170,16 @@ def fit_projector(up: nn.Linear, down: nn.Linear, encoded, table: torch.Tensor, 
     params = list(up.parameters()) + list(down.parameters())
     opt = torch.optim.Adam(params, lr=3e-3)
     g = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(0.0)
     scale = Y.pow(2).mean()
-    for step in loop(stage, steps, 0, desc):
-        set_lr(opt, cosine_lr(step, steps, 3e-3, warmup=20))
+
+    def mse_step(step):
         idx = torch.randint(0, H.shape[0], (1024,), generator=g)
         pred = down(nn.functional.gelu(up(H[idx])))
-        loss = (pred - Y[idx]).pow(2).mean() / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            stage.log(phase=desc, step=step, rel_mse=round(loss.item(), 5))
-    return loss.item()
+        return (pred - Y[idx]).pow(2).mean() / scale, {}
+
+    loss = train_loop(stage, opt, steps, mse_step, peak=3e-3, warmup=20, desc=desc, log_every=50, phase=desc,
+                      loss_key="rel_mse", digits=5)
+    return loss.item() if loss is not None else 0.0
 
 
 def audio_rows(encoded, vocab: Vocab, instruction: str):
@@ -254,16 +240,8 @@ def run_adapt(run_dir, opts: Options) -> None:
         plan = []
         while len(plan) < opts.speech_e2e_steps:
             plan += buckets([r.__len__() for r in rows], opts.e2e_batch, rng)
-        for step in loop(stage, opts.speech_e2e_steps, 0, "e2e"):
-            for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
-                g["lr"] = cosine_lr(step, opts.speech_e2e_steps, peak, warmup=10)
-            loss, acc = batch_loss(plan[step])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
-            opt.step()
-            if step % 10 == 0 or step == opts.speech_e2e_steps - 1:
-                stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        train_loop(stage, opt, opts.speech_e2e_steps, with_acc(lambda step: batch_loss(plan[step])),
+                   peak=(2e-3, 5e-4), warmup=10, desc="e2e", clip=lparams + pparams, phase="e2e")
         with torch.no_grad():
             acc1 = batch_loss(probe)[1]
         stage.log(event="e2e_end", answer_acc=round(acc1, 4))

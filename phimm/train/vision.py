@@ -16,7 +16,6 @@ end with the LM loss on VQA answers.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -26,10 +25,11 @@ from torch import nn
 
 from ..toy import data as toy_data
 from ..toy import domain
-from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, train_rows, apply_parts, cosine_lr, fresh_model,
-                     grid_tokens, hd_geometry, lm_batch_loss, load_base, loop, lora_state, Options,
-                     random_layout_scene, remove_train_lora, save_parts, set_lr, slot_grid, Stage, Timer, Vocab,
-                     widen)
+from ..toy.scenes import random_layout_scene, widen
+from .common import (CELL_CLASSES, IMAGE_EMBED, SLOT_COLORS, add_train_lora, train_rows, apply_parts, fresh_model,
+                     grid_tokens, hd_geometry, lm_batch_loss, load_base, lora_state, Options, remove_train_lora,
+                     save_parts, slot_grid, Stage, Timer, Vocab)
+from .trainer import progress, train_loop, with_acc
 
 
 def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool = False, desc: str = "images",
@@ -37,16 +37,13 @@ def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool
     """[dict(image=ImageInput, grid, uh, uw, question, answer[, audio])] of toy-domain VQA samples; 40 % of the
     training scenes are moved onto non-square canvases. `audio`: the samples' processed audio, made beforehand
     (`spoken_audio`): kept instead of synthesising it again."""
-    from tqdm import tqdm
-
     from ..toy.images import render_scene
 
     if audio is not None and len(audio) < n:
         raise ValueError(f"{len(audio)} processed clips for {n} samples")
     out = []
     samples = toy_data.iter_split(kind, n, seed, heldout=heldout, audio=keep_audio and audio is None)
-    for j, s in enumerate(tqdm(samples, total=n, desc=desc, mininterval=10,
-                               disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1")):
+    for j, s in enumerate(progress(samples, total=n, desc=desc, mininterval=10)):
         scene, img = s["scene"], s["image"]
         rng = random.Random(f"widen:{s['id']}")
         if not heldout and rng.random() < 0.4:
@@ -64,12 +61,9 @@ def make_images(proc, opts: Options, kind: str, n: int, seed: int, heldout: bool
 
 def spoken_audio(proc, n: int, seed: int, desc: str = "audio") -> list:
     """The processed audio (`AudioInput`) of spoken_vqa samples 0 .. n-1 of the training split `seed`."""
-    from tqdm import tqdm
-
     samples = toy_data.iter_split("spoken_vqa", n, seed)
     return [proc.process_audio((s["audio"], s["sample_rate"]))
-            for s in tqdm(samples, total=n, desc=desc, mininterval=10,
-                          disable=os.environ.get("PHIMM_TRAIN_QUIET") == "1")]
+            for s in progress(samples, total=n, desc=desc, mininterval=10)]
 
 
 def crop_batch(items):
@@ -214,8 +208,8 @@ def run_encoder(run_dir, opts: Options) -> None:
             return slot_scores(head(ie.get_img_features(px, mask)), labels)
 
     drawn: dict = {}
-    for step in loop(stage, opts.cell_steps, start, "slots"):
-        set_lr(opt, cosine_lr(step, opts.cell_steps, opts.cell_lr, warmup=min(200, opts.cell_steps // 10)))
+
+    def slots_step(step):
         px, mask, labels, local = reused_batch(proc, opts, step, drawn)
         states = siglip(px, patch_attention_mask=mask, output_hidden_states=True).hidden_states
         logits = head(cell_features(ie, states[-1]))
@@ -224,20 +218,22 @@ def run_encoder(run_dir, opts: Options) -> None:
                                             weight=slot_weight)
                 + 0.5 * nn.functional.cross_entropy(local_logits.reshape(-1, local_logits.shape[-1]),
                                                     local.reshape(-1)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == opts.cell_steps - 1:
+
+        def fields():  # the batch's accuracies, worked out on the steps that log them
             with torch.no_grad():
                 on_shape = local != 0
                 local_acc = (local_logits.argmax(-1)[on_shape] == local[on_shape]).float().mean().item()
-            stage.log(step=step, loss=round(loss.item(), 4), shape_patch_acc=round(local_acc, 4),
-                      **slot_scores(logits.detach(), labels))
+            return {"shape_patch_acc": round(local_acc, 4), **slot_scores(logits.detach(), labels)}
+
+        return loss, fields
+
+    def dev_every_500(step):
         if step % 500 == 499:
             stage.log(step=step, dev=dev_scores())
-        if stage.due():
-            stage.checkpoint(step + 1, timer(), opt, siglip=siglip, head=head, local_head=local_head)
+
+    train_loop(stage, opt, opts.cell_steps, slots_step, peak=opts.cell_lr, warmup=min(200, opts.cell_steps // 10),
+               desc="slots", start=start, clip=params, after_step=dev_every_500,
+               checkpoint={"siglip": siglip, "head": head, "local_head": local_head}, timer=timer)
     siglip.eval()
     scores = dev_scores()
     stage.log(event="end", heldout=scores)
@@ -312,18 +308,15 @@ def fit_projector(ie, items, vocab: Vocab, table: torch.Tensor, steps: int, batc
     rng = random.Random(f"vision-proj:{seed}")
     targets = [table[torch.tensor(grid_tokens(it["grid"], it["uh"], it["uw"], vocab))] for it in items]
     scale = table.pow(2).mean()
-    loss = torch.tensor(0.0)
-    for step in loop(stage, steps, 0, "projector"):
-        set_lr(opt, cosine_lr(step, steps, 3e-3, warmup=20))
+
+    def mse_step(step):
         idx = rng.sample(range(len(items)), min(batch, len(items)))
         pred = image_embeds(ie, [items[i] for i in idx], table.shape[1], image_token_id)
-        loss = (pred - torch.cat([targets[i] for i in idx])).pow(2).mean() / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            stage.log(phase="projector", step=step, rel_mse=round(loss.item(), 5))
-    return loss.item()
+        return (pred - torch.cat([targets[i] for i in idx])).pow(2).mean() / scale, {}
+
+    loss = train_loop(stage, opt, steps, mse_step, peak=3e-3, warmup=20, desc="projector", log_every=50,
+                      phase="projector", loss_key="rel_mse", digits=5)
+    return loss.item() if loss is not None else 0.0
 
 
 def vqa_loss(hf, ie, items, vocab: Vocab):
@@ -368,17 +361,9 @@ def run_adapt(run_dir, opts: Options) -> None:
             acc0 = vqa_loss(hf, ie, probe, vocab)[1]
         stage.log(event="e2e_start", answer_acc=round(acc0, 4))
         rng = random.Random(f"vision-e2e:{opts.seed}")
-        for step in loop(stage, opts.vision_e2e_steps, 0, "e2e"):
-            for g, peak in zip(opt.param_groups, (2e-3, 5e-4)):
-                g["lr"] = cosine_lr(step, opts.vision_e2e_steps, peak, warmup=10)
-            batch = rng.sample(items, min(opts.e2e_batch, len(items)))
-            loss, acc = vqa_loss(hf, ie, batch, vocab)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lparams + pparams, 1.0)
-            opt.step()
-            if step % 10 == 0 or step == opts.vision_e2e_steps - 1:
-                stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+        train_loop(stage, opt, opts.vision_e2e_steps,
+                   with_acc(lambda step: vqa_loss(hf, ie, rng.sample(items, min(opts.e2e_batch, len(items))), vocab)),
+                   peak=(2e-3, 5e-4), warmup=10, desc="e2e", clip=lparams + pparams, phase="e2e")
         with torch.no_grad():
             acc1 = vqa_loss(hf, ie, probe, vocab)[1]
         stage.log(event="e2e_end", answer_acc=round(acc1, 4))

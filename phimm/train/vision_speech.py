@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..toy import domain
-from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, train_rows, apply_parts, cosine_lr, lm_batch_loss,
-                     load_base, load_lora_state, lora_state, loop, remove_train_lora, save_parts, stage_file)
+from .common import (VS_PROJ, Options, Stage, Timer, Vocab, add_train_lora, train_rows, apply_parts, lm_batch_loss,
+                     load_base, load_lora_state, lora_state, remove_train_lora, save_parts, stage_file)
+from .trainer import train_loop, with_acc
 from .vision import cache_features, image_embeds, make_images, spoken_audio, vqa_loss
 
 
@@ -84,12 +85,13 @@ def run(run_dir, opts: Options) -> None:
         params = list(up.parameters()) + list(down.parameters())
         for p in params:
             p.requires_grad_(True)
-        groups = [{"params": params, "lr": 5e-4, "peak": 5e-4}]
+        groups, peaks = [{"params": params, "lr": 5e-4}], [5e-4]
         written = []
         if opts.vs_lora_lr > 0:
             for p in lparams:
                 p.requires_grad_(True)
-            groups.append({"params": lparams, "lr": opts.vs_lora_lr, "peak": opts.vs_lora_lr})
+            groups.append({"params": lparams, "lr": opts.vs_lora_lr})
+            peaks.append(opts.vs_lora_lr)
             written = make_images(proc, opts, "vqa", opts.svqa_samples, opts.seed + 77, desc="vision_speech:written")
             cache_features(ie, written)
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -115,19 +117,14 @@ def run(run_dir, opts: Options) -> None:
             acc0 = loss_of(probe)[1]
         stage.log(event="e2e_start", answer_acc=round(acc0, 4))
         rng = random.Random(f"vs-e2e:{opts.seed}")
-        for step in loop(stage, opts.vs_steps, 0, "e2e"):
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, opts.vs_steps, g["peak"], warmup=10)
+
+        def e2e_step(step):
             if written and step % 2 == 1:  # the LoRA keeps answering written questions
-                loss, acc = vqa_loss(hf, ie, rng.sample(written, min(opts.e2e_batch, len(written))), vocab)
-            else:
-                loss, acc = loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params + (lparams if written else []), 1.0)
-            opt.step()
-            if step % 10 == 0 or step == opts.vs_steps - 1:
-                stage.log(phase="e2e", step=step, loss=round(loss.item(), 4), acc=round(acc, 4))
+                return vqa_loss(hf, ie, rng.sample(written, min(opts.e2e_batch, len(written))), vocab)
+            return loss_of(rng.sample(items, min(opts.e2e_batch, len(items))))
+
+        train_loop(stage, opt, opts.vs_steps, with_acc(e2e_step), peak=peaks, warmup=10, desc="e2e",
+                   clip=params + (lparams if written else []), phase="e2e")
         with torch.no_grad():
             acc1 = loss_of(probe)[1]
         stage.log(event="e2e_end", answer_acc=round(acc1, 4))
