@@ -18,7 +18,7 @@ from adapters import NO_ADAPTER, AdapterDataError, LoraAdapter, LoraLinear, RowA
 from routers import AudioProjector
 
 from .errors import AdapterError, PlaceholderError, RouteError, UnknownAdapterError
-from .types import AudioInput, ImageInput
+from .types import AudioInput, ImageInput, hd_grid
 
 def _cache_kwarg() -> str:
     """The decoder's name for its cache argument: `cache` from transformers 5.24 (`past_key_values` is then
@@ -218,16 +218,13 @@ class Phi4MMComposition(nn.Module):
         out, start = [], 0
         for img in images:
             n = img.pixel_values.shape[0]
-            h_ratio, w_ratio = img.size[0] // crop, img.size[1] // crop
+            h_ratio, w_ratio, useful_h, useful_w = hd_grid(img.attention_mask, img.size, crop, f)
             own = feats[start : start + n]
             start += n
             glb = own[0].reshape(f, f, C)
             glb = torch.cat([glb, emb.sub_img_feature_extensor[0].expand(f, 1, C)], dim=1).reshape(-1, C)
             sub = own[1 : 1 + h_ratio * w_ratio].reshape(h_ratio, w_ratio, f, f, C)
             sub = sub.transpose(1, 2).reshape(h_ratio * f, w_ratio * f, C)
-            grid = img.attention_mask[1 : 1 + h_ratio * w_ratio, 0::2, 0::2]
-            grid = grid.reshape(h_ratio, w_ratio, f, f).transpose(1, 2).reshape(h_ratio * f, w_ratio * f)
-            useful_h, useful_w = int(grid[:, 0].sum()), int(grid[0, :].sum())
             sub = sub[:useful_h, :useful_w]
             sub = torch.cat([sub, emb.sub_img_feature_extensor[0].expand(useful_h, 1, C)], dim=1).reshape(-1, C)
             layout = torch.cat([sub, emb.global_img_feature_extensor[0], glb])  # [num_tokens, C]

@@ -14,7 +14,7 @@ from routers import RouteInput
 
 from .errors import PlaceholderError, PromptError
 from .tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, PHI4MM_CHAT_TEMPLATE
-from .types import AudioInput, ImageInput, Prepared, Request
+from .types import AudioInput, ImageInput, Prepared, Request, hd_grid
 
 # <|image|>, <|image_3|>, <|audio|>, <|audio_1|>; the raw placeholder tokens count too.
 _PLACEHOLDER = re.compile(r"<\|(image|audio)(?:_(\d+))?\|>|" + re.escape(IMAGE_TOKEN) + "|" + re.escape(AUDIO_TOKEN))
@@ -26,13 +26,8 @@ def image_token_count(attention_mask: torch.Tensor, size: tuple[int, int], crop:
     """LM tokens for one HD-transformed image, as the Phi-4-multimodal image embedding lays them out: the global
     crop's f x f pooled features plus one row separator per row, one global separator, then the useful part of
     the sub-crop grid plus one separator per row (f = ceil(crop / patch / 2))."""
-    ms = crop // patch
-    f = (ms + 1) // 2
-    h_ratio, w_ratio = size[0] // crop, size[1] // crop
-    sub = attention_mask[1 : 1 + h_ratio * w_ratio, 0::2, 0::2]  # [crops, f, f]
-    grid = sub.reshape(h_ratio, w_ratio, f, f).transpose(1, 2).reshape(h_ratio * f, w_ratio * f)
-    useful_h = int(grid[:, 0].sum().item())
-    useful_w = int(grid[0, :].sum().item())
+    f = (crop // patch + 1) // 2
+    _, _, useful_h, useful_w = hd_grid(attention_mask, size, crop, f)
     return f * f + f + 1 + useful_h * useful_w + useful_h
 
 

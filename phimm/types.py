@@ -36,6 +36,17 @@ class Request:
     adapter: str | Route | None = None
 
 
+def hd_grid(attention_mask: torch.Tensor, size: tuple[int, int], crop: int, f: int) -> tuple[int, int, int, int]:
+    """The HD sub-crop grid of one image, as the Phi-4-multimodal image embedding lays it out: `(h_ratio,
+    w_ratio, useful_h, useful_w)`, the crops per column and row and the pooled cells (f x f per crop, every
+    second patch of the mask) that hold image rather than padding. The processor counts tokens with it, the model
+    cuts the features with it."""
+    h_ratio, w_ratio = size[0] // crop, size[1] // crop
+    grid = attention_mask[1 : 1 + h_ratio * w_ratio, 0::2, 0::2]  # [crops, f, f]
+    grid = grid.reshape(h_ratio, w_ratio, f, f).transpose(1, 2).reshape(h_ratio * f, w_ratio * f)
+    return h_ratio, w_ratio, int(grid[:, 0].sum()), int(grid[0, :].sum())
+
+
 @dataclass
 class ImageInput:
     """One processed image: HD crops (global first), their patch masks, the padded HD size, its token count."""

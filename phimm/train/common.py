@@ -18,6 +18,7 @@ from torch import nn
 from adapters import LoraLinear, RowAdapters, unwrap_targets, wrap_targets
 
 from ..model import PHI4MM_LORA_TARGETS
+from ..types import hd_grid
 from ..tokenizer import AUDIO_TOKEN, IMAGE_TOKEN
 from ..toy import domain
 from .options import Options
@@ -322,8 +323,9 @@ def _hd_geometry(width: int, height: int, crop: int, patch: int) -> dict:
     if pad_h >= patch:
         mask[-math.floor(pad_h / patch):, :] = 0
     f = (ms + 1) // 2
-    sub = mask[0::2, 0::2]
-    return dict(f=f, uh=int(sub[:, 0].sum()), uw=int(sub[0, :].sum()), sx=new_w / width, sy=new_h / height,
+    # one crop (dynamic_hd=1): the grid of a crop-sized image behind a global crop, as the processor counts it
+    _, _, uh, uw = hd_grid(torch.stack([mask, mask]), (crop, crop), crop, f)
+    return dict(f=f, uh=uh, uw=uw, sx=new_w / width, sy=new_h / height,
                 cell=crop / f, size=(new_h, new_w), pad=(pad_w, pad_h), mask=mask)
 
 
