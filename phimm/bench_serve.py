@@ -19,6 +19,13 @@ every mode, so throughputs compare (`--fixed-length`: every request `--max-token
 the engine's first-token time inside the batch, counted from the request's arrival), token times, end, text,
 route. `rows_match` says whether every continuous answer equals the same request's answer when it ran alone
 (one_at_a_time). Not a test: figures depend on the machine; ratios are what to compare.
+
+    phimm bench serve --ray --replicas 2 [--threads 1]
+
+Scale-out instead (`pip install 'phimm[ray]'`), two modes on the same requests: `ray`, `phimm serve --ray` with
+`--replicas` replicas of `--threads` torch threads each (default 1), against `continuous`, one `phimm serve`
+process with as many threads as all the replicas together (2 x 1 = 2 by default: the same cores). `rows_match`
+then says whether every answer of the replicas equals the one process's.
 """
 
 from __future__ import annotations
@@ -46,9 +53,11 @@ DEFAULT_MAX_TOKENS = {"embedded": 16, "209m": 32}
 DEFAULT_DTYPE = {"embedded": "float32", "209m": "bfloat16"}
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
 MODES = ("continuous", "one_at_a_time", "static")
+RAY_MODES = ("continuous", "ray")
 MODE_TITLES = {"continuous": "continuous batching (`phimm serve`)",
                "one_at_a_time": "one at a time (`phimm serve --max-running 1`)",
-               "static": "static batches (`pipe([...])` in process)"}
+               "static": "static batches (`pipe([...])` in process)",
+               "ray": "Ray Serve replicas (`phimm serve --ray`)"}
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -305,8 +314,9 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 @contextlib.contextmanager
-def server_process(cmd: list[str], url: str, log_path: Path, startup_timeout_s: float):
-    """Start `phimm serve`, wait until /health answers 200, yield; always stop it afterwards."""
+def server_process(cmd: list[str], url: str, log_path: Path, startup_timeout_s: float, grace_s: float = 15.0):
+    """Start `phimm serve`, wait until /health answers 200, yield; always stop it afterwards (SIGTERM, then a
+    kill after `grace_s`)."""
     import httpx
 
     env = dict(os.environ)
@@ -332,7 +342,7 @@ def server_process(cmd: list[str], url: str, log_path: Path, startup_timeout_s: 
                 time.sleep(0.2)
             yield proc
         finally:
-            stop_process(proc)
+            stop_process(proc, grace_s)
 
 
 def send_streamed(http, url: str, item: Item, body: bytes, timeout_s: float) -> Record:
@@ -373,17 +383,20 @@ def send_streamed(http, url: str, item: Item, body: bytes, timeout_s: float) -> 
 
 
 def run_server_mode(args, items_by_client, bodies: dict[int, bytes], max_running: int, model: str | None,
-                    dtype: str, log_path: Path) -> tuple[list[Record], list[str]]:
+                    dtype: str, log_path: Path, threads: int | None = None,
+                    extra: tuple[str, ...] = ()) -> tuple[list[Record], list[str]]:
+    """`phimm serve [extra]` with `threads` torch threads (default: --threads), driven by the clients."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "phimm.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--max-running", str(max_running), "--dtype", dtype, "--log-level", "warning"]
+           "--max-running", str(max_running), "--dtype", dtype, "--log-level", "warning", *extra]
     if model is not None:
         cmd += ["--model", str(model)]
-    if args.threads is not None:
-        cmd += ["--threads", str(args.threads)]
+    threads = args.threads if threads is None else threads
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
 
     @contextlib.contextmanager
@@ -391,11 +404,23 @@ def run_server_mode(args, items_by_client, bodies: dict[int, bytes], max_running
         with httpx.Client(timeout=timeout, trust_env=False) as http:  # trust_env: no proxy for 127.0.0.1
             yield lambda item: send_streamed(http, url, item, bodies[item.index], args.request_timeout)
 
-    with server_process(cmd, url, log_path, args.startup_timeout):
-        # warm-up (not timed): one short request per route, so lazy set-up is not in the measurement
+    with server_process(cmd, url, log_path, args.startup_timeout, grace_s=60.0 if "--ray" in extra else 15.0):
+        # warm-up (not timed): one short request per route, so lazy set-up is not in the measurement; with Ray,
+        # rounds of all routes at once, which Ray spreads over the replicas, so that every replica is warm
         with httpx.Client(timeout=timeout, trust_env=False) as http:
-            for item in _one_per_kind(items_by_client):
-                send_streamed(http, url, item, item.chat_body(2), args.request_timeout)
+            if "--ray" in extra:
+                replicas = int(extra[extra.index("--replicas") + 1]) if "--replicas" in extra else 1
+                for _ in range(2 * replicas):
+                    warm = [threading.Thread(target=send_streamed, args=(http, url, item, item.chat_body(2),
+                                                                         args.request_timeout))
+                            for item in _one_per_kind(items_by_client)]
+                    for t in warm:
+                        t.start()
+                    for t in warm:
+                        t.join()
+            else:
+                for item in _one_per_kind(items_by_client):
+                    send_streamed(http, url, item, item.chat_body(2), args.request_timeout)
         records = run_clients(items_by_client, sender, args.stagger_s)
     return records, cmd
 
@@ -537,6 +562,8 @@ def run(args) -> dict:
     bodies = {i.index: i.chat_body(i.tokens, i.tokens) for items in items_by_client for i in items}
     lengths = {i.index: i.tokens for items in items_by_client for i in items}
     max_batch = args.clients
+    if getattr(args, "ray", False):
+        return run_ray(args, items_by_client, bodies, lengths, size, model, dtype, max_tokens, max_batch)
     from .pipeline import default_threads
 
     threads = args.threads or default_threads()  # what the servers and phimm.load use when --threads is not given
@@ -581,6 +608,50 @@ def run(args) -> dict:
     return results
 
 
+def run_ray(args, items_by_client, bodies, lengths, size, model, dtype, max_tokens, max_batch) -> dict:
+    """`phimm serve --ray --replicas N --threads T` against one `phimm serve --threads N*T`: the same cores, the
+    same requests."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SystemExit("phimm bench serve --ray needs Ray Serve: pip install 'phimm[ray]'")
+    n_requests = args.clients * args.requests_per_client
+    per_replica = args.threads or 1
+    total = per_replica * args.replicas
+    print(f"[bench serve] size={size} dtype={dtype} clients={args.clients} requests={n_requests} "
+          f"max_tokens={max_tokens}: {args.replicas} Ray replica(s) x {per_replica} thread(s) vs 1 process x "
+          f"{total} thread(s)", flush=True)
+    results: dict = {
+        "clients": args.clients, "requests_per_client": args.requests_per_client, "requests": n_requests,
+        "size": size, "model": model or "embedded", "dtype": dtype, "threads": total,
+        "replicas": args.replicas, "threads_per_replica": per_replica, "modes": list(RAY_MODES),
+        "mode_titles": {"continuous": f"1 process x {total} thread(s) (`phimm serve --threads {total}`)",
+                        "ray": f"{args.replicas} Ray replicas x {per_replica} thread(s) (`phimm serve --ray "
+                               f"--replicas {args.replicas} --threads {per_replica}`)"},
+        "max_tokens": max_tokens, "fixed_length": bool(args.fixed_length),
+        "request_tokens": sorted(lengths.values()), "stagger_s": args.stagger_s,
+        "itl_note": "gaps between streamed content chunks",
+    }
+    records: dict[str, list[Record]] = {}
+    for mode, threads, extra in (("continuous", total, ()),
+                                 ("ray", per_replica, ("--ray", "--replicas", str(args.replicas)))):
+        t = time.perf_counter()
+        records[mode], cmd = run_server_mode(args, items_by_client, bodies, max(1, max_batch), model, dtype,
+                                             Path(args.workdir) / f"bench-serve-{mode}.log", threads, extra)
+        results[mode] = summarize(records[mode], lengths)
+        results[mode]["server_command"] = " ".join(cmd[3:])
+        _progress(mode, results[mode], time.perf_counter() - t)
+        _save_partial(args, results)
+    x, y = results["ray"]["requests_per_s"], results["continuous"]["requests_per_s"]
+    results["speedup_ray_vs_one_process"] = x / y if y else None
+    one = {r.index: r for r in records["continuous"]}
+    match = sum(int(r.ok and one[r.index].ok and r.text == one[r.index].text) for r in records["ray"])
+    results["rows_match"] = match == n_requests
+    results["rows_matching"] = f"{match}/{n_requests}"
+    results["per_request"] = [_detail(records, i) for items in items_by_client for i in items]
+    return results
+
+
 def _save_partial(args, results: dict) -> None:
     """Keep what is measured so far, should a later mode fail (the full report replaces it)."""
     if args.json:
@@ -609,10 +680,14 @@ def _fmt(x, unit: str = "", digits: int = 3) -> str:
 
 
 def markdown(results: dict, command: str) -> str:
+    modes = results.get("modes", MODES)
+    titles = {**MODE_TITLES, **results.get("mode_titles", {})}
     lines = [
         f"Command: `{command}`",
         "",
-        f"Model: {results['model']} ({results['dtype']}, {results['threads']} torch thread(s)), "
+        f"Model: {results['model']} ({results['dtype']}, {results['threads']} torch thread(s)"
+        + (f" in all: {results['replicas']} replicas x {results['threads_per_replica']}" if "replicas" in results
+           else "") + "), "
         f"{results['clients']} concurrent clients x "
         f"{results['requests_per_client']} requests = {results['requests']} mixed requests (text / image / audio / "
         f"image + audio), greedy, "
@@ -623,12 +698,17 @@ def markdown(results: dict, command: str) -> str:
         "| mode | requests/s | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | wall | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for mode in MODES:
+    for mode in modes:
         s = results[mode]
-        lines.append(f"| {MODE_TITLES[mode]} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.1f} | "
+        lines.append(f"| {titles[mode]} | {s['requests_per_s']:.2f} | {s['tokens_per_s']:.1f} | "
                      f"{_fmt(s['ttft_p50_s'], ' s')} | {_fmt(s['ttft_p95_s'], ' s')} | "
                      f"{_fmt(None if s['itl_p50_s'] is None else s['itl_p50_s'] * 1000, ' ms', 1)} | "
                      f"{s['wall_s']:.2f} s | {s['errors']} |")
+    if "replicas" in results:
+        speedup = _fmt(results["speedup_ray_vs_one_process"], "x", 2)
+        lines += ["", f"Ray Serve, {results['replicas']} replicas: {speedup} the requests/s of one process with as "
+                      f"many threads. Answers equal to the one process's: {results['rows_matching']}."]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Continuous batching: {_fmt(results['speedup_vs_one_at_a_time'], 'x', 2)} the requests/s of one at a time, "
@@ -661,6 +741,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs", help="random checkpoints (reused) and the servers' logs")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
+    p.add_argument("--ray", action="store_true",
+                   help="scale-out instead: `phimm serve --ray` with --replicas replicas of --threads threads (default "
+                        "1) against one `phimm serve` with all their threads (needs pip install 'phimm[ray]')")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: Ray Serve replicas (default: 2)")
 
 
 def _command_line() -> str:
@@ -671,7 +755,7 @@ def _command_line() -> str:
 
 
 def cmd_bench_serve(args) -> int:
-    for name in ("clients", "requests_per_client", "max_tokens"):
+    for name in ("clients", "requests_per_client", "max_tokens", "replicas"):
         v = getattr(args, name)
         if v is not None and v < 1:
             print(f"phimm bench serve: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
@@ -694,7 +778,7 @@ def cmd_bench_serve(args) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(table)
-    return 0 if all(results[m]["errors"] == 0 for m in MODES) else 1
+    return 0 if all(results[m]["errors"] == 0 for m in results.get("modes", MODES)) else 1
 
 
 def register(modes) -> None:

@@ -52,6 +52,7 @@ class ServeConfig:
     transcription_instruction: str = TRANSCRIBE_INSTRUCTION
     transcription_max_tokens: int = 448
     metric_labels: dict[str, str] = field(default_factory=dict)  # added to every metric series
+    health_info: dict[str, Any] = field(default_factory=dict)  # added to /health's body (a Ray replica: its id, pid)
 
 
 class _State:
@@ -249,11 +250,11 @@ def build_app(pipe=None, config: ServeConfig | None = None, *, loader: Callable[
     async def health():
         gone = getattr(state.pipe, "closed", None)
         if gone is not None:
-            return JSONResponse({"status": f"failed: {gone}"}, status_code=503)
+            return JSONResponse({"status": f"failed: {gone}", **config.health_info}, status_code=503)
         if state.pipe is not None:
-            return {"status": "ok", "model": state.model_name}
+            return {"status": "ok", "model": state.model_name, **config.health_info}
         detail = f"failed: {state.error}" if state.error is not None else "loading"
-        return JSONResponse({"status": detail}, status_code=503)
+        return JSONResponse({"status": detail, **config.health_info}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
