@@ -26,6 +26,11 @@ SIZES = {
     "209m": dict(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=3584, vision_hidden=256,
                  vision_layers=4, audio_hidden=256, audio_blocks=4, lora=64, vocab=32000, image=(640, 480),
                  audio_s=4.0, new=32),
+    # Phi-4-multimodal's published widths (24 query / 8 KV heads of 128, SigLIP 1152 x 27, conformer 1024 x 24,
+    # LoRA r=256) with 2 decoder layers: long-context decode attention at full width (`--decode-attention`)
+    "full-width": dict(hidden=3072, layers=2, heads=24, kv_heads=8, intermediate=8192, vision_hidden=1152,
+                       vision_layers=27, audio_hidden=1024, audio_blocks=24, lora=256, vocab=200064,
+                       image=(640, 480), audio_s=4.0, new=16, ckpt_dtype=torch.bfloat16),
 }
 
 
@@ -65,8 +70,184 @@ def make_checkpoint(size: str, root: Path) -> Path:
                                       "vision_layers", "audio_hidden", "audio_blocks")}
     if spec["vocab"]:
         overrides["vocab_size"] = spec["vocab"]
-    make_tiny_checkpoint(ckpt, seed=0, lora_ranks={"vision": spec["lora"], "speech": spec["lora"]}, **overrides)
+    make_tiny_checkpoint(ckpt, seed=0, lora_ranks={"vision": spec["lora"], "speech": spec["lora"]},
+                         dtype=spec.get("ckpt_dtype", torch.float32), **overrides)
     return ckpt
+
+
+def decode_attention_routes(pipe, spec, new: int, repeats: int = 3) -> dict:
+    """Batch-1 decode tokens/s of a text and an image request (~1,080 cached positions) with the decoder on
+    phimm's decode attention (`phimm.attention`) and on transformers' sdpa, switched on the same loaded model and
+    interleaved, so the ratios come from one process under one load: tokens/s best of `repeats` per cell, ratios
+    the median over repeats of back-to-back pairs. The text request also runs on the image route's adapter
+    ("text+vision"): image / text+vision is the cost of the cached positions alone, image / text adds the vision
+    LoRA's."""
+    import dataclasses
+
+    from . import attention
+
+    reqs = workload(spec)
+    routes = {kind: to_request(next(r for r in reqs if r[0] == kind)) for kind in ("text", "image")}
+    routes = {"text": routes["text"], "text+vision": dataclasses.replace(routes["text"], adapter=ADAPTER["image"]),
+              "image": routes["image"]}
+    for req in routes.values():  # warm-up: packed weights, the image's features cached
+        pipe(req, max_new_tokens=2)
+    rates = {impl: {kind: [] for kind in routes} for impl in ("phimm", "sdpa")}
+    positions = {}
+    try:
+        for _ in range(repeats):
+            for impl in rates:
+                attention.use_for_decoder(pipe.model.hf, impl)
+                for kind, req in routes.items():
+                    o = pipe(req, max_new_tokens=new, min_new_tokens=new)
+                    rates[impl][kind].append(o.tokens_per_s)
+                    positions[kind] = o.prompt_tokens
+    finally:
+        attention.use_for_decoder(pipe.model.hf, "phimm" if attention.ENABLED else "sdpa")
+    out = {"positions": positions, "repeats": repeats, "new_tokens": new}
+    for impl, by_kind in rates.items():
+        # ratios: the median over repeats of image / text measured back to back (a busy core moves the best-of
+        # figures of different repeats apart)
+        each = [i / t for i, t in zip(by_kind["image"], by_kind["text"])]
+        each_v = [i / t for i, t in zip(by_kind["image"], by_kind["text+vision"])]
+        out[impl] = {"text_tok_s": max(by_kind["text"]), "text_vision_tok_s": max(by_kind["text+vision"]),
+                     "image_tok_s": max(by_kind["image"]), "image_over_text": float(np.median(each)),
+                     "image_over_text_vision": float(np.median(each_v)), "image_over_text_each": each,
+                     "image_over_text_vision_each": each_v}
+    out["image_speedup"] = out["phimm"]["image_tok_s"] / out["sdpa"]["image_tok_s"]
+    out["text_speedup"] = out["phimm"]["text_tok_s"] / out["sdpa"]["text_tok_s"]
+    print(f"[bench] decode attention: {out}", flush=True)
+    return out
+
+
+def attention_in_decode_steps(pipe, positions=(19, 1079), steps: int = 16, repeats: int = 3) -> dict:
+    """Decode steps of one row straight through the model (base weights, no engine) after `n` cached positions,
+    with the decoder's attention function timed inside them: ms per step and ms of it in attention, for phimm's
+    decode attention (its default kernel, and "matmul") and for sdpa. Best of `repeats`."""
+    import functools
+
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from . import attention
+    from .cache import PreallocatedCache
+
+    spent = [0.0]
+
+    def timed(fn):
+        def forward(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            spent[0] += time.perf_counter() - t
+            return out
+        return forward
+
+    impls = {"phimm": attention.phimm_attention_forward,
+             "phimm-matmul": functools.partial(attention.phimm_attention_forward, kernel="matmul"),
+             "sdpa": sdpa_attention_forward}
+    for impl, fn in impls.items():
+        AttentionInterface.register(f"{impl}-timed", timed(fn))
+        AttentionMaskInterface.register(f"{impl}-timed", sdpa_mask)
+    model = pipe.model
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    config = model.hf.config
+    before = config._attn_implementation
+    best: dict = {impl: {n: (float("inf"), float("inf")) for n in positions} for impl in impls}
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for impl in impls:
+                    config._attn_implementation = {"": f"{impl}-timed"}
+                    for n in positions:
+                        cache = PreallocatedCache(layers, n + steps + 1)
+                        embeds = torch.randn(1, n, hidden, dtype=model.dtype) * 0.02
+                        model.decode(embeds, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], cache)
+                        spent[0] = 0.0
+                        t = time.perf_counter()
+                        for i in range(steps):
+                            x = torch.randn(1, 1, hidden, dtype=model.dtype) * 0.02
+                            h = model.decode(x, torch.ones(1, n + i + 1, dtype=torch.long), torch.tensor([[n + i]]),
+                                             cache)
+                            model.logits(h[:, -1])
+                        step, att = (time.perf_counter() - t) / steps * 1e3, spent[0] / steps * 1e3
+                        best[impl][n] = (min(best[impl][n][0], step), min(best[impl][n][1], att))
+    finally:
+        config._attn_implementation = {"": before}
+    out = {impl: {str(n): {"step_ms": s, "attention_ms": a, "attention_ms_per_layer": a / layers}
+                  for n, (s, a) in by_n.items()} for impl, by_n in best.items()}
+    out["layers"] = layers
+    print(f"[bench] attention in decode steps: {out}", flush=True)
+    return out
+
+
+def attention_kernel() -> str:
+    from . import attention
+
+    return attention.KERNEL
+
+
+def decode_attention_markdown(d: dict, command: str, config: str) -> str:
+    p = d["positions"]
+    lines = [f"Command: `{command}`", "", config, "",
+             f"| decoder attention | text, base model ({p['text']} positions) | text, vision adapter | image, vision "
+             f"adapter ({p['image']} positions) | image / text (median of pairs) | image / text on the vision "
+             f"adapter (median of pairs) |",
+             "|---|---|---|---|---|---|"]
+    for impl, label in (("phimm", "phimm (`phimm.attention`)"), ("sdpa", "transformers sdpa")):
+        v = d[impl]
+        lines.append(f"| {label} | {v['text_tok_s']:.2f} tok/s | {v['text_vision_tok_s']:.2f} tok/s | "
+                     f"{v['image_tok_s']:.2f} tok/s | {v['image_over_text']:.2f} | {v['image_over_text_vision']:.2f} |")
+    lines.append(f"| phimm / sdpa | {d['text_speedup']:.2f}x | | {d['image_speedup']:.2f}x | | |")
+    a = d.get("in_steps")
+    if a:
+        lines += ["", f"Decode steps straight through the model ({a['layers']} decoder layers, base weights), "
+                  "attention timed inside them (best of 3):", "",
+                  "| decoder attention | cached positions | ms per step | ms in attention | per layer |",
+                  "|---|---|---|---|---|"]
+        for impl, label in (("phimm", f"phimm ({attention_kernel()})"), ("phimm-matmul", "phimm (matmul)"),
+                            ("sdpa", "sdpa")):
+            for n, v in a[impl].items():
+                lines.append(f"| {label} | {n} | {v['step_ms']:.1f} | {v['attention_ms']:.2f} | "
+                             f"{v['attention_ms_per_layer']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def checkpoint_parameters(ckpt: Path) -> int:
+    """Parameters in a checkpoint's model files (the adapters' folders not counted), read from their headers."""
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in Path(ckpt).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return n
+
+
+def run_decode_attention(args) -> dict:
+    """`--decode-attention`: only `decode_attention_routes`, on the size's checkpoint."""
+    import phimm
+
+    torch.set_num_threads(args.threads)
+    spec = dict(SIZES[args.size])
+    if args.new_tokens:
+        spec["new"] = args.new_tokens
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] size={args.size} dtype={args.dtype} threads={args.threads} (decode attention)", flush=True)
+    t = time.perf_counter()
+    ckpt = make_checkpoint(args.size, root)
+    print(f"[bench] checkpoint {ckpt} ({time.perf_counter() - t:.0f} s)", flush=True)
+    pipe = phimm.load(ckpt, dtype=args.dtype, threads=args.threads)
+    n_params = checkpoint_parameters(ckpt)
+    results = {"config": {"size": args.size, "dtype": args.dtype, "threads": args.threads, "parameters": n_params,
+                          "torch": torch.__version__},
+               "decode_attention": decode_attention_routes(pipe, spec, spec["new"], repeats=max(args.repeats, 3))}
+    results["decode_attention"]["in_steps"] = attention_in_decode_steps(pipe)
+    results["memory"] = {"peak_rss_mb": peak_rss_mb()}
+    return results
 
 
 def workload(spec, seed: int = 0):
@@ -248,6 +429,7 @@ def run(args) -> dict:
     results["decode_weight_bytes"] = weight_bytes
     results["memory"] = {"phimm_weights_rss_mb": rss_phimm, "reference_weights_rss_mb": rss_ref,
                          "peak_rss_mb": peak_rss_mb()}
+    results["decode_attention"] = decode_attention_routes(pipe, spec, new)
 
     if args.json:  # keep what is measured so far, should a later phase fail
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -371,6 +553,14 @@ def markdown(results: dict, command: str) -> str:
         f"| memory | weights RSS {results['memory']['phimm_weights_rss_mb']:.0f} MB | "
         f"{results['memory']['reference_weights_rss_mb']:.0f} MB | peak RSS of the run {results['memory']['peak_rss_mb']:.0f} MB |",
     ]
+    d = results.get("decode_attention")
+    if d:
+        for impl, label in (("phimm", "phimm attention"), ("sdpa", "sdpa attention")):
+            v = d[impl]
+            lines.append(f"| decode, {label}: text / text on the vision adapter / image ({d['positions']['image']} "
+                         f"positions) tok/s | {v['text_tok_s']:.1f} / {v['text_vision_tok_s']:.1f} / "
+                         f"{v['image_tok_s']:.1f} | | image / text {v['image_over_text']:.2f}, image / text on the "
+                         f"vision adapter {v['image_over_text_vision']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -384,14 +574,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs", help="where the random checkpoints are written (reused)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
+    p.add_argument("--decode-attention", action="store_true",
+                   help="only text vs image decode tok/s with phimm's decode attention and with sdpa")
 
 
 def cmd_bench(args) -> int:
     if args.quick:
         args.size = "quick"
-    results = run(args)
     command = "phimm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "phimm bench"
-    table = markdown(results, command)
+    if args.decode_attention:
+        results = run_decode_attention(args)
+        c = results["config"]
+        table = decode_attention_markdown(
+            results["decode_attention"], command,
+            f"Model: {c['parameters'] / 1e6:.0f}M parameters (random weights, size {c['size']}), {c['dtype']}, "
+            f"{c['threads']} thread(s), {results['decode_attention']['new_tokens']} new tokens, best of "
+            f"{results['decode_attention']['repeats']}, peak RSS {results['memory']['peak_rss_mb']:.0f} MB, "
+            f"torch {c['torch']}.")
+    else:
+        results = run(args)
+        table = markdown(results, command)
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -128,6 +128,10 @@ class Phi4MMComposition(nn.Module):
         self.weight_format = "dense"  # or "packed", "int8": set by phimm.quant
         _skip_unused_vision_head(hf_model)
         make_vision_attention_bidirectional(hf_model)
+        from . import attention  # decode steps: GQA against the cache without per-head K/V copies
+
+        if attention.ENABLED:
+            attention.use_for_decoder(hf_model)
         for adapter in dict(adapters).values():
             self.add_adapter(adapter)
 

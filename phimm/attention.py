@@ -1,0 +1,164 @@
+"""Decode attention for the decoder: a few query positions against a long KV cache, grouped-query attention
+without copying keys and values per head.
+
+transformers' sdpa function, for one query position on CPU, calls `scaled_dot_product_attention(...,
+enable_gqa=True)` when there is no mask (a batch of one unpadded row: every single request) — and that CPU path
+costs ~2 ms per layer at 1,079 cached positions at the 209m bench size and ~6-7 ms at Phi-4-multimodal's width,
+5-7x the time to read the keys and values. Here the G query heads that share a KV head are reshaped into the
+query-length axis, `[B, Hkv, G * q, D]`, against K and V `[B, Hkv, T, D]` as the cache holds them, with the mask
+broadcast (or repeated per head) to match; nothing is copied per head. Two kernels compute that:
+
+- "flash" (the default): `scaled_dot_product_attention` on the packed queries — PyTorch's CPU flash kernel, fp32
+  scores and softmax inside, reading K and V in place (transformers does the same for a masked single query).
+- "matmul": two batched matmuls with the scaling, softcap, mask and softmax in fp32 between them (bf16 GEMMs
+  for long caches; short ones are converted to fp32). It needs K and V contiguous (the cache's views of its
+  growing buffers are not), so it copies them once. With K and V warm in cache it is the fastest; in a decode
+  step, where the layer's weights have just pushed them out of cache, the copy costs what the GEMMs save: the
+  two are within ~10 % (`phimm bench --decode-attention` times both inside decode steps). Used for `softcap`,
+  which sdpa lacks.
+
+Prefill (`q_len > MAX_QUERY_LEN`, or no cached positions before the queries) and anything this path does not
+cover (dropout in training, a position bias, a mask it cannot broadcast, non-CPU tensors) go to transformers'
+sdpa function unchanged. The mask is transformers' sdpa mask (`sdpa_mask` is registered for the same name):
+`None` when nothing is masked, else a boolean `[B, 1 | H, q, T]` (True: attend) or an additive float mask.
+
+`register()` adds the function to transformers' `AttentionInterface` (and the mask to `AttentionMaskInterface`)
+as "phimm"; `use_for_decoder(hf_model)` sets it on the decoder's config only (the vision and audio encoders keep
+their own). `phimm.model.Phi4MMComposition` does that at load while `ENABLED` is true.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "phimm"
+# the switch `Phi4MMComposition.__init__` reads: False leaves the decoder on transformers' sdpa
+ENABLED = True
+# query positions handled here (with positions cached before them); more is a prefill: sdpa
+MAX_QUERY_LEN = 4
+# "flash" or "matmul" (see the module's docstring)
+KERNEL = "flash"
+# "matmul": at most this many cached elements per (row, KV head) (T * head_dim), bf16/fp16 K and V go to fp32
+UPCAST_ELEMENTS = 128 * 128
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def covers(module, query, key, attention_mask, dropout: float = 0.0, position_bias=None, **kwargs) -> bool:
+    """Whether `phimm_attention_forward` computes this call itself (else it hands it to sdpa)."""
+    B, H, q, D = query.shape
+    T = key.shape[2]
+    hkv = key.shape[1]
+    if q > MAX_QUERY_LEN or T <= q or H % hkv or key.shape[-1] != D:
+        return False
+    if attention_mask is None and q > 1:  # only a mask can say which cached positions each query sees
+        return False
+    if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] not in (1, H)
+                                       or attention_mask.shape[-2:] != (q, T)):
+        return False
+    if position_bias is not None or (dropout and module is not None and module.training):
+        return False
+    if kwargs.get("s_aux") is not None or kwargs.get("output_attentions", False):
+        return False
+    return query.device.type == "cpu"
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, scaling: float | None = None,
+                     softcap: float | None = None, kernel: str | None = None) -> torch.Tensor:
+    """Attention of `query [B, H, q, D]` over `key`, `value` `[B, Hkv, T, D]` (H a multiple of Hkv; query head
+    `h` reads KV head `h // (H // Hkv)`, as transformers' `repeat_kv`), the last `q` of the `T` positions being
+    the queries' own. `attention_mask`: None (every position visible: only with `q == 1`), boolean
+    `[B | 1, 1 | H, q, T]` (True: attend) or additive float of that shape. `kernel`: "flash" or "matmul" (default
+    `KERNEL`; a softcap takes "matmul"). Returns `[B, q, H, Dv]`, as transformers' attention functions do. A query
+    that sees no position gets zeros (as sdpa gives)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if softcap is not None or (kernel or KERNEL) == "matmul":
+        return _matmul_attention(query, key, value, attention_mask, scale, softcap)
+    return _flash_attention(query, key, value, attention_mask, scale)
+
+
+def _flash_attention(query, key, value, attention_mask, scale: float) -> torch.Tensor:
+    B, H, q, D = query.shape
+    hkv, T, dv = key.shape[1], key.shape[2], value.shape[-1]
+    G = H // hkv
+    packed = query.reshape(B, hkv, G * q, D)  # row g * q + i: query head kv * G + g at position i
+    mask = attention_mask
+    if mask is not None:
+        mb = mask.shape[0]
+        if mask.shape[1] != 1:  # per query head: [mb, H, q, T] is [mb, Hkv, G * q, T] row for row
+            mask = mask.reshape(mb, hkv, G * q, T)
+        elif q > 1:  # one mask for all heads: each of the G rows of a position gets that position's mask
+            mask = mask[:, :, None].expand(mb, 1, G, q, T).reshape(mb, 1, G * q, T)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
+    return out.view(B, H, q, dv).transpose(1, 2).contiguous()
+
+
+def _matmul_attention(query, key, value, attention_mask, scale: float, softcap: float | None) -> torch.Tensor:
+    B, H, q, D = query.shape
+    hkv, T, dv = key.shape[1], key.shape[2], value.shape[-1]
+    G = H // hkv
+    dtype = query.dtype
+    compute = torch.float32 if dtype == torch.float32 or T * D <= UPCAST_ELEMENTS else dtype
+    # [B * Hkv, G * q, D]: a view when the query's strides allow it (q == 1 always does)
+    q3 = query.reshape(B * hkv, G * q, D).to(compute)
+    k3 = key.to(compute).contiguous().view(B * hkv, T, D)
+    v3 = value.to(compute).contiguous().view(B * hkv, T, dv)
+
+    scores = torch.bmm(q3, k3.transpose(1, 2))  # [B * Hkv, G * q, T] in the compute dtype
+    scores = scores.mul_(scale) if compute == torch.float32 else scores.float() * scale  # fp32 from here
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    masked = attention_mask is not None
+    if masked:
+        mask = attention_mask
+        mask = mask.reshape(mask.shape[0], 1 if mask.shape[1] == 1 else hkv, 1 if mask.shape[1] == 1 else G, q, T)
+        s5 = scores.view(B, hkv, G, q, T)
+        if mask.dtype == torch.bool:
+            s5.masked_fill_(mask.logical_not(), float("-inf"))
+        else:
+            s5.add_(mask)
+    probs = torch.softmax(scores, dim=-1)
+    if masked and attention_mask.dtype == torch.bool:
+        probs = torch.nan_to_num_(probs, nan=0.0)  # a query that sees nothing: zeros, as sdpa
+    out = torch.bmm(probs.to(compute), v3)  # [B * Hkv, G * q, Dv]
+    return out.view(B, H, q, dv).transpose(1, 2).to(dtype).contiguous()
+
+
+def phimm_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, is_causal: bool | None = None,
+                            kernel: str | None = None, **kwargs):
+    """transformers' attention-function signature (`AttentionInterface`): `decode_attention` for a few query
+    positions against a cache, transformers' `sdpa_attention_forward` for everything else."""
+    if not covers(module, query, key, attention_mask, dropout=dropout, **kwargs):
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
+    return decode_attention(query, key, value, attention_mask, scaling=scaling, softcap=kwargs.get("softcap"),
+                            kernel=kernel), None
+
+
+def register() -> None:
+    """Make "phimm" an attention implementation transformers' models can name (its masks are sdpa's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, phimm_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_for_decoder(hf_model, name: str = NAME) -> bool:
+    """Set the decoder of a `Phi4MultimodalForCausalLM` to attention `name` ("phimm", or "sdpa" back), leaving
+    the vision and audio encoders' sub-configs as they are. Changes only a decoder on sdpa or phimm (an explicit
+    eager or flash choice stays). Returns whether the decoder now uses `name`."""
+    config = hf_model.config
+    current = config._attn_implementation
+    if current not in ("sdpa", NAME):
+        return current == name
+    if name == NAME:
+        register()
+    config._attn_implementation = {"": name}  # a dict sets this config only, not its sub-configs
+    return True

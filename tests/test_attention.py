@@ -1,0 +1,174 @@
+"""phimm's decode attention (`phimm.attention`) against transformers' sdpa path: random tensors with grouped-query
+attention and padding masks, and the tiny model's tokens and logits through `phimm.load`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+
+from phimm import attention
+from phimm.attention import covers, decode_attention, phimm_attention_forward
+
+
+class _Module(torch.nn.Module):
+    """What transformers' attention functions read off the attention module."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.eval()
+
+
+def _sdpa(query, key, value, mask, scaling):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(_Module(query.shape[1] // key.shape[1]), query, key, value, mask,
+                                    scaling=scaling)
+    return out
+
+
+def _cache_view(B, hkv, T, D, dtype, gen):
+    """K or V as the cache hands them over: the filled part of a buffer with spare columns."""
+    buf = torch.randn(B, hkv, T + 13, D, generator=gen).to(dtype)
+    return buf[:, :, :T]
+
+
+def _mask(lengths, q, T, kind):
+    """Left-padded rows of `lengths` positions (the last `q` are the queries'), causal among the queries:
+    boolean `[B, 1, q, T]`, or the same as an additive float mask."""
+    cols = torch.arange(T)
+    rows = []
+    for n in lengths:
+        qpos = torch.arange(T - q, T)[:, None]  # each query's own column
+        rows.append((cols[None, :] >= T - n) & (cols[None, :] <= qpos))
+    m = torch.stack(rows)[:, None]
+    if kind == "additive":
+        return torch.zeros(m.shape).masked_fill_(~m, torch.finfo(torch.float32).min)
+    return m
+
+
+CASES = [  # (B, heads, kv heads, head dim, cached positions, query positions, mask)
+    (1, 4, 2, 16, 40, 1, None),
+    (1, 6, 2, 16, 40, 1, None),
+    (3, 8, 4, 64, 1100, 1, "bool"),      # long: bf16 GEMMs (T * D > UPCAST_ELEMENTS)
+    (3, 6, 2, 32, 70, 1, "bool"),        # short: computed in fp32
+    (3, 9, 3, 64, 600, 1, "additive"),
+    (2, 4, 2, 64, 700, 2, "bool"),
+    (2, 6, 2, 16, 50, 4, "bool"),
+    (2, 6, 2, 128, 300, 3, "additive"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-KV{}-D{}-T{}-q{}-{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["flash", "matmul"])
+def test_matches_sdpa_on_random_tensors(case, dtype, kernel):
+    B, H, hkv, D, T, q, kind = case
+    gen = torch.Generator().manual_seed(T + q)
+    query = torch.randn(B, q, H, D, generator=gen).to(dtype).transpose(1, 2)  # as the model makes it
+    key, value = _cache_view(B, hkv, T, D, dtype, gen), _cache_view(B, hkv, T, D, dtype, gen)
+    lengths = [T, T - 7, max(q + 1, T // 3)][:B]
+    mask = None if kind is None else _mask(lengths, q, T, kind)
+    scaling = D ** -0.5
+    module = _Module(H // hkv)
+    assert covers(module, query, key, mask)
+    ours, weights = phimm_attention_forward(module, query, key, value, mask, scaling=scaling, kernel=kernel)
+    assert weights is None
+    ref = _sdpa(query, key, value, mask, scaling)
+    assert ours.shape == ref.shape == (B, q, H, D) and ours.dtype == dtype and ours.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    else:
+        # both against the fp32 result of the same bf16 inputs: ours within bf16 rounding, as sdpa is
+        exact = _sdpa(query.float(), key.float(), value.float(), mask, scaling)
+        err_ours = (ours.float() - exact).abs().max().item()
+        err_sdpa = (ref.float() - exact).abs().max().item()
+        scale = exact.abs().max().item()
+        assert err_ours <= 2 ** -6 * scale, (err_ours, err_sdpa, scale)
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=2 ** -6, atol=2 ** -6 * scale)
+
+
+@pytest.mark.parametrize("kernel", ["flash", "matmul"])
+def test_head_mask_and_query_that_sees_nothing(kernel):
+    """A per-head mask `[B, H, q, T]` is read per head; a query row with nothing visible gives zeros (sdpa's)."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, hkv, D, T, q = 2, 6, 3, 16, 30, 2
+    query = torch.randn(B, H, q, D, generator=gen)
+    key, value = torch.randn(B, hkv, T, D, generator=gen), torch.randn(B, hkv, T, D, generator=gen)
+    mask = torch.rand(B, H, q, T, generator=gen) > 0.3
+    mask[1, 4, 0] = False
+    ours = decode_attention(query, key, value, mask, scaling=0.3, kernel=kernel)
+    ref = _sdpa(query, key, value, mask, 0.3)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert (ours[1, 0, 4] == 0).all()
+
+
+def test_softcap():
+    """sdpa has no softcap: the matmul kernel applies it (tanh(s / c) * c on the scaled scores, before the mask)."""
+    gen = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(1, 4, 1, 8, generator=gen), torch.randn(1, 2, 20, 8, generator=gen),
+                         torch.randn(1, 2, 20, 8, generator=gen))
+    ours = decode_attention(query, key, value, scaling=0.5, softcap=3.0)
+    k, v = key.repeat_interleave(2, 1), value.repeat_interleave(2, 1)
+    s = torch.tanh(query @ k.transpose(-1, -2) * 0.5 / 3.0) * 3.0
+    ref = (s.softmax(-1) @ v).transpose(1, 2)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_prefill_and_uncovered_calls_go_to_sdpa(monkeypatch):
+    module = _Module(2)
+    q1 = torch.randn(1, 4, 1, 8)
+    prefill = torch.randn(1, 4, 9, 8)
+    kv = torch.randn(1, 2, 9, 8)
+    assert covers(module, q1, kv, None)
+    assert not covers(module, prefill, kv, None)                                        # q == T: a prefill
+    assert not covers(module, torch.randn(1, 4, attention.MAX_QUERY_LEN + 1, 8), torch.randn(1, 2, 40, 8),
+                      torch.ones(1, 1, attention.MAX_QUERY_LEN + 1, 40, dtype=torch.bool))  # too many queries
+    assert not covers(module, torch.randn(1, 4, 2, 8), kv, None)                        # q > 1 needs a mask
+    assert not covers(module, q1, kv, None, position_bias=torch.zeros(1, 4, 1, 9))
+    called = []
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    real = sdpa_module.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *a, **k: called.append(1) or real(*a, **k))
+    out, _ = phimm_attention_forward(module, prefill, kv, kv, None, scaling=0.3)
+    assert called and out.shape == (1, 9, 4, 8)
+
+
+def _two_pipes(ckpt):
+    import phimm
+
+    ours = phimm.load(ckpt, dtype="float32", threads=1)
+    ref = phimm.load(ckpt, dtype="float32", threads=1)
+    assert attention.use_for_decoder(ref.model.hf, "sdpa")
+    return ours, ref
+
+
+def test_decoder_only_uses_it(tiny_ckpt):
+    ours, ref = _two_pipes(tiny_ckpt)
+    cfg = ours.model.hf.config
+    assert cfg._attn_implementation == "phimm"
+    assert cfg.vision_config._attn_implementation == "sdpa" and cfg.audio_config._attn_implementation == "sdpa"
+    assert ref.model.hf.config._attn_implementation == "sdpa"
+    assert ref.model.hf.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_tiny_model_tokens_and_logits_equal_sdpa(tiny_ckpt, monkeypatch):
+    import phimm
+
+    ours, ref = _two_pipes(tiny_ckpt)
+    calls = []
+    real = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    reqs = [phimm.Request(prompt="<|user|>hello what color is the circle<|end|><|assistant|>"),
+            phimm.Request(messages=[{"role": "user", "content": [{"type": "image", "image": make_image(3)},
+                                                                 {"type": "text", "text": "what shape"}]}])]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, output_logits=True)
+    for got, want in [(ours(r, **kw), ref(r, **kw)) for r in reqs] + list(zip(ours(reqs, **kw), ref(reqs, **kw))):
+        assert got.error is None and want.error is None
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(got.logits[0], want.logits[0], rtol=0, atol=1e-5)
+        assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) <= 1e-5
+    assert calls and max(s[2] for s in calls) > 400  # decode steps of the image row went through it
