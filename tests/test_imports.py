@@ -59,15 +59,15 @@ def test_no_import_circle_inside_phimm():
              if k.startswith("phimm")}
     state: dict[str, int] = {}
     stack: list[str] = []
+    cycles: list[str] = []
 
     def visit(node):
         state[node] = 1
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
-                raise AssertionError("import circle: " + " -> ".join(cycle))
-            if nxt not in state:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
                 visit(nxt)
         stack.pop()
         state[node] = 2
@@ -75,6 +75,8 @@ def test_no_import_circle_inside_phimm():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+    assert len(graph) > 30  # the scan found phimm's modules
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
 
 
 def test_dependencies_point_one_way():
