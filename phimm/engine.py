@@ -3,9 +3,10 @@
 One thread loops over steps. Each step:
 
 - admit: waiting requests, first come first served, while the limits allow (running rows, KV-cache budget,
-  prompt tokens per step);
-- prefill: the admitted rows in groups of equal length and one adapter (no padding is computed; each row sees
-  exactly what it would alone), media features merged in by the model; each row's first token is chosen;
+  prompt tokens per step); while rows decode, arrivals gather for `prefill_delay_steps` steps first;
+- prefill: the admitted rows in buckets of similar length, one forward each (rows left-padded and masked, at most
+  a quarter padding, each row on its own adapter), media features merged in by the model per row; each row's
+  first token is chosen;
 - join: prefilled rows enter the running batch's cache (`BatchCache`);
 - decode: one forward for all running rows, each row's adapter passed with it (`RowAdapters`), one token each;
 - leave: finished, cancelled and failed rows leave the batch at once and their cache space is freed.
