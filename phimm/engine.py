@@ -231,6 +231,7 @@ class _Row:
     error: PhimmError | None = None
     last_delta: tuple[str, list[int]] = ("", [])  # the final step's text and token, sent with the Output
     queued_step: int = 0  # the engine's decode-step count when the request was queued
+    eos_tensor: torch.Tensor | None = None  # `eos` as a tensor, for logits processing
 
     @property
     def cancelled(self) -> bool:
@@ -416,8 +417,8 @@ class Engine:
 
     def _prefill(self, rows: Sequence[_Row]) -> list[tuple[_Row, PreallocatedCache, int, int]]:
         """Prefill `rows` in buckets of similar length (`prefill_buckets`): one decoder forward per bucket, rows
-        left-padded to its longest and masked, each row on its own adapter; media features are made per adapter
-        (the encoders see one adapter at a time). Returns (row, cache, row in it, first column) for the rows
+        left-padded to its longest and masked, each row on its own adapter; media features are made per row,
+        the encoders on that row's adapter. Returns (row, cache, row in it, first column) for the rows
         that go on decoding; rows whose input fails get their error, the others go on."""
         joined = []
         for bucket in prefill_buckets([r.prompt_len for r in rows]):
@@ -535,8 +536,9 @@ class Engine:
         for i, r in enumerate(rows):
             if tokens[i] is None:
                 generated = torch.tensor([r.sampled], dtype=torch.long, device=logits.device)
-                eos = torch.tensor(sorted(set(r.eos)), dtype=torch.long, device=logits.device)
-                scores = process_logits(logits[i:i + 1], generated, len(r.sampled), r.opts, eos)
+                if r.eos_tensor is None:  # made once per row, on the first step that processes logits
+                    r.eos_tensor = torch.tensor(sorted(set(r.eos)), dtype=torch.long, device=logits.device)
+                scores = process_logits(logits[i:i + 1], generated, len(r.sampled), r.opts, r.eos_tensor)
                 tokens[i] = int(choose(scores, r.opts, r.generator)[0])
         return [self._emit(r, t, logits[i] if r.opts.output_logits else None, now)
                 for i, (r, t) in enumerate(zip(rows, tokens))]

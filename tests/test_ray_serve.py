@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import CASES, KEY, MAX_TOKENS, local_request  # noqa: E402 - the requests of tests/test_serve.py
+from test_serve import CASES, KEY, MAX_TOKENS, free_port, local_request  # noqa: E402 - the requests of tests/test_serve.py
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "demo" / "examples"
@@ -168,20 +168,12 @@ def test_failover_middleware_retries_unanswered_and_ends_cut_streams():
 # ------------------------------------------------------------------------------------------------ on Ray
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RayServer:
     """`phimm serve --ray` in a subprocess; this process joins its Ray (for `serve.status()`). `stop()` sends
     SIGTERM (the command shuts Serve and Ray down), then kills."""
 
     def __init__(self, *args: str, tmp: Path, timeout_s: float = 150):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"ray-serve-{self.port}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PHIMM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -33,7 +33,6 @@ class Metrics:
         (busy.labels(**self._const) if names else busy).set_function(lambda: stats().get("busy_s", 0.0))
         running = Gauge("phimm_running_requests", "Rows in the running batch", names, registry=r)
         waiting = Gauge("phimm_waiting_requests", "Requests queued for a place in the batch", names, registry=r)
-        self._stats = stats
         (running.labels(**self._const) if names else running).set_function(lambda: stats().get("running", 0))
         (waiting.labels(**self._const) if names else waiting).set_function(lambda: stats().get("waiting", 0))
 

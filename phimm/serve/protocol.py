@@ -125,7 +125,7 @@ class ChatCall:
 
 
 _ROLES = {"system", "developer", "user", "assistant"}
-_IGNORED_IF_DEFAULT = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "n": 1,
+_REFUSED_UNLESS_DEFAULT = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": False, "n": 1,
                        "parallel_tool_calls": None, "tools": None, "tool_choice": None, "response_format": None}
 
 
@@ -136,7 +136,7 @@ def parse_chat(body: Any, policy: MediaPolicy) -> ChatCall:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
-    for name, default in _IGNORED_IF_DEFAULT.items():
+    for name, default in _REFUSED_UNLESS_DEFAULT.items():
         value = body.get(name, default)
         if value not in (default, None) and not (name == "response_format" and value == {"type": "text"}):
             raise bad_request(f"'{name}' = {value!r} is not supported by this server", name, "unsupported_parameter")
@@ -350,6 +350,6 @@ def transcription_request(audio: bytes, instruction: str) -> Request:
                                                           {"type": "text", "text": instruction}]}])
 
 
-__all__ = ["APIError", "AudioProjector", "ChatCall", "MediaPolicy", "TRANSCRIPTION_FORMATS", "bad_request",
+__all__ = ["APIError", "ChatCall", "MediaPolicy", "TRANSCRIPTION_FORMATS", "bad_request",
            "chat_chunk", "chat_completion", "from_phimm_error", "parse_chat", "transcription_body",
            "transcription_request", "usage_chunk"]
