@@ -102,6 +102,12 @@ class BatchCache(PreallocatedCache):
         """Cache positions held by the batch's rectangle, padding included (rows x width)."""
         return self.rows * self.width
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layers' buffers (allocated, filled or not)."""
+        return sum(2 * layer.key_buf.numel() * layer.key_buf.element_size() for layer in self.layers
+                   if layer.is_initialized)
+
     def attention_mask(self, new: int = 1, device=None) -> torch.Tensor:
         """`[B, width + new]`: 1 where a row has cached positions, and for the `new` columns about to be written."""
         width = self.width

@@ -43,6 +43,9 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype, device: str | torch
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    elif torch.device(device).type != "cpu":
+        # straight from the memory-mapped files onto the device, tensor by tensor: no copy of the model in host memory
+        kwargs["device_map"] = {"": str(device)}
     try:
         hf, info = Phi4MultimodalForCausalLM.from_pretrained(
             str(path), use_safetensors=not allow_pickle, output_loading_info=True, **kwargs
@@ -51,7 +54,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype, device: str | torch
         raise CheckpointError(f"{path}: cannot load the model weights: {e}") from e
     report_mismatch(path, hf, info)
     if device_map is None:
-        hf.to(device)
+        hf.to(device)  # a no-op where the weights were loaded onto the device
     hf.eval().requires_grad_(False)
     adapters = {}
     for name, folder in adapter_folders(path, meta).items():

@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -33,6 +35,7 @@ import torch
 
 from routers import Route
 
+from . import graphs
 from .cache import BatchCache, PreallocatedCache
 from .errors import (ContextLengthError, EngineClosedError, EngineError, GenerationConfigError, PhimmError,
                      QueueFullError)
@@ -225,6 +228,9 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # the answer's tokens (no end token)
     logits: list[torch.Tensor] = field(default_factory=list)
     emitted: str = ""
+    text: str = ""  # the answer's text decoded so far, complete characters only (`Engine._text`)
+    prefix_offset: int = 0  # tokens[prefix_offset:read_offset] decode to the end of `text`
+    read_offset: int = 0
     first_time: float | None = None
     last_time: float | None = None
     finish_reason: str | None = None
@@ -262,13 +268,20 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
-        self._cache = BatchCache(model.config.num_hidden_layers)
+        self._graphs = None  # CUDA graphs of the decode step (`phimm.graphs`), on a GPU
+        if graphs.enabled(model.device):
+            self._graphs = graphs.GraphDecoder(model, self.limits.max_running)
+        self._cache = self._new_cache()
         self._row_adapters = None  # RowAdapters of the running rows, remade when they change
+        self.kv_bytes_peak = 0  # the running batch's cache, at its largest
         self._thread: threading.Thread | None = None
         self._closed = False
         self._threads = torch.get_num_threads()
         self.counters = collections.Counter()  # steps, prefills, tokens, finished by reason
         self.busy_s = 0.0  # seconds the loop spent in steps (the rest it waited for work)
+        # PHIMM_PROFILE=1: seconds per phase of the step (the device synchronised at each phase's ends)
+        self.profile = os.environ.get("PHIMM_PROFILE", "") not in ("", "0")
+        self.phase_s: collections.Counter = collections.Counter()
         _LIVE.add(self)
 
     # ---- callers' side (any thread) ------------------------------------------------------------------------
@@ -321,10 +334,39 @@ class Engine:
                 f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: {need} > "
                 f"the engine's KV-cache budget of {self.limits.kv_budget_tokens} tokens")
 
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Time one phase of a step into `phase_s` (only with PHIMM_PROFILE=1)."""
+        if not self.profile:
+            yield
+            return
+        sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda *a: None)
+        sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.phase_s[name] += time.perf_counter() - t
+
+    def _new_cache(self) -> BatchCache:
+        layers = self.model.config.num_hidden_layers
+        if self._graphs is not None:
+            return graphs.StaticBatchCache(layers, self.limits.max_running, self.limits.kv_budget_tokens)
+        return BatchCache(layers)
+
     def stats(self) -> dict:
         with self._cond:
-            return {"running": len(self._running), "waiting": len(self._waiting),
-                    "kv_positions": self._cache.positions, "busy_s": round(self.busy_s, 3), **self.counters}
+            out = {"running": len(self._running), "waiting": len(self._waiting),
+                   "kv_positions": self._cache.positions, "kv_bytes_peak": self.kv_bytes_peak,
+                   "busy_s": round(self.busy_s, 3), **self.counters}
+            if self.profile:
+                out.update({f"{k}_s": round(v, 4) for k, v in self.phase_s.items()})
+            if self._graphs is not None:
+                out.update(graph_captures=self._graphs.captures, graph_replays=self._graphs.replays)
+                if self._graphs.capture_error:
+                    out["graph_capture_error"] = self._graphs.capture_error
+            return out
 
     def close(self) -> None:
         """Stop the loop; requests still waiting or running end with `EngineClosedError`."""
@@ -407,7 +449,8 @@ class Engine:
         self._leave([r for r in self._running if r.cancelled], "cancelled")
         joined = self._prefill(admitted)
         if joined:
-            self._cache.add_rows([(cache, j, start, r.prompt_len) for r, cache, j, start in joined])
+            with self._phase("join"):
+                self._cache.add_rows([(cache, j, start, r.prompt_len) for r, cache, j, start in joined])
             with self._cond:
                 self._running.extend(r for r, _, _, _ in joined)
             self._row_adapters = None
@@ -422,18 +465,22 @@ class Engine:
         that go on decoding; rows whose input fails get their error, the others go on."""
         joined = []
         for bucket in prefill_buckets([r.prompt_len for r in rows]):
-            group = self._embed_rows([rows[i] for i in bucket])
+            with self._phase("embed"):
+                group = self._embed_rows([rows[i] for i in bucket])
             if not group:
                 continue
             try:
-                cache, logits, width = self._prefill_forward(group)
+                with self._phase("prefill"):
+                    cache, logits, width = self._prefill_forward(group)
             except Exception as e:  # noqa: BLE001 - this bucket's rows fail, the engine serves on
                 self._fail([r for r, _ in group], e)
                 continue
             group = [r for r, _ in group]
             self.counters["prefills"] += 1
             self.counters["prompt_tokens"] += sum(r.prompt_len for r in group)
-            for j, (r, more) in enumerate(zip(group, self._choose(group, logits))):
+            with self._phase("choose"):
+                chosen = self._choose(group, logits)
+            for j, (r, more) in enumerate(zip(group, chosen)):
                 if more:
                     joined.append((r, cache, j, width - r.prompt_len))
                 else:
@@ -445,11 +492,22 @@ class Engine:
         row whose media do not fit its prompt fails alone."""
         model = self.model
         out = []
+        prefetched = None
+        if sum(len(r.prepared.images) + len(r.prepared.audios) for r in rows) > 1 and hasattr(model, "prefetch_media"):
+            try:  # the rows' media through the encoders together (a failure here: each row alone, below)
+                prefetched = model.prefetch_media([(r.prepared.images, r.prepared.audios, r.route.audio_projector,
+                                                    r.route.adapter) for r in rows])
+            except Exception:  # noqa: BLE001 - the per-row path finds which row fails
+                log.debug("encoding the rows' media together failed; encoding them one by one", exc_info=True)
         for r in rows:
             try:
                 ids = torch.tensor([r.prepared.input_ids], dtype=torch.long, device=model.device)
                 media = [(r.prepared.images, r.prepared.audios, r.route.audio_projector)]
-                out.append((r, model.embed_inputs(ids, media, model.row_adapters([r.route.adapter]))[0]))
+                rows_arg = model.row_adapters([r.route.adapter])
+                if prefetched:
+                    out.append((r, model.embed_inputs(ids, media, rows_arg, prefetched=prefetched)[0]))
+                else:
+                    out.append((r, model.embed_inputs(ids, media, rows_arg)[0]))
             except Exception as e:  # noqa: BLE001 - this row fails, the others go on
                 self._fail([r], e)
         return out
@@ -480,21 +538,29 @@ class Engine:
         try:
             if self._row_adapters is None:
                 self._row_adapters = model.row_adapters([r.route.adapter for r in running])
-            tokens = torch.tensor([[r.sampled[-1]] for r in running], dtype=torch.long, device=device)
-            mask = self._cache.attention_mask(1, device=device)
-            pos = self._cache.next_positions(device=device)
-            hidden = model.decode(model.embed_tokens(tokens), mask, pos, self._cache, self._row_adapters)
-            self._cache.advance()
-            logits = model.logits(hidden[:, -1])  # [B, V]
+            if self._graphs is not None:
+                with self._phase("decode"):
+                    logits = self._graphs.step(self._cache, [r.sampled[-1] for r in running], self._row_adapters)
+                self._cache.advance()
+            else:
+                with self._phase("decode"):
+                    tokens = torch.tensor([[r.sampled[-1]] for r in running], dtype=torch.long, device=device)
+                    mask = self._cache.attention_mask(1, device=device)
+                    pos = self._cache.next_positions(device=device)
+                    hidden = model.decode(model.embed_tokens(tokens), mask, pos, self._cache, self._row_adapters)
+                    self._cache.advance()
+                    logits = model.logits(hidden[:, -1])  # [B, V]
+            self.kv_bytes_peak = max(self.kv_bytes_peak, self._cache.nbytes)
         except Exception as e:  # noqa: BLE001 - the batch's rows fail, the engine serves on
             self._fail(list(running), e)
-            self._cache = BatchCache(model.config.num_hidden_layers)
+            self._cache = self._new_cache()
             with self._cond:
                 self._running = []
             self._row_adapters = None
             return
         self.counters["steps"] += 1
-        more = self._choose(running, logits)
+        with self._phase("choose"):
+            more = self._choose(running, logits)
         done = [r for r, m in zip(running, more) if not m]
         if done:
             self._leave(done, None)  # out of the batch first: a caller told "finished" finds it gone
@@ -507,7 +573,8 @@ class Engine:
             return
         gone = {id(r) for r in rows}
         keep = [i for i, r in enumerate(self._running) if id(r) not in gone]
-        self._cache.keep_rows(keep)
+        with self._phase("leave"):
+            self._cache.keep_rows(keep)
         with self._cond:
             self._running = [self._running[i] for i in keep]
         self._row_adapters = None
@@ -559,7 +626,8 @@ class Engine:
         else:
             row.tokens.append(token)
             new_ids = [token]
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        final = reason is not None or len(row.sampled) >= row.opts.max_new_tokens
+        text = self._text(row, final)
         stops = row.opts.stop_strings
         if stops and reason is None:
             cut = _first_stop(text, stops, start=max(0, len(row.emitted) - max(map(len, stops))))
@@ -580,6 +648,21 @@ class Engine:
         row.last_delta = (text[len(row.emitted):] if text.startswith(row.emitted) else "", new_ids)
         row.emitted = text
         return False
+
+    def _text(self, row: _Row, full: bool) -> str:
+        """The row's answer so far. `full`: decoded whole (a finished row's exact text). Otherwise
+        incrementally: only the tokens since the last complete character are decoded (with the window before them,
+        so that tokenizers that drop a leading space at the start of a decode are diffed right), not the whole
+        answer at every step."""
+        if full:
+            return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        toks = row.tokens
+        prefix = self.tokenizer.decode(toks[row.prefix_offset:row.read_offset], skip_special_tokens=True)
+        window = self.tokenizer.decode(toks[row.prefix_offset:], skip_special_tokens=True)
+        if len(window) > len(prefix) and window.startswith(prefix) and not window.endswith("\ufffd"):
+            row.text += window[len(prefix):]
+            row.prefix_offset, row.read_offset = row.read_offset, len(toks)
+        return row.text
 
     def _finish(self, row: _Row, reason: str, delta: str = "", new_ids: Sequence[int] = ()) -> None:
         now = time.perf_counter()

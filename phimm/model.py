@@ -262,15 +262,74 @@ class Phi4MMComposition(nn.Module):
         self.feature_cache.put(key, out[0])
         return out[0]
 
+    def prefetch_media(self, rows: Sequence[tuple[Sequence[ImageInput], Sequence[AudioInput], AudioProjector | None,
+                                                  str | None]]) -> dict:
+        """Encode the media of several rows (each `(images, audios, audio projector, adapter name)`) in as few
+        encoder calls as possible: every image of the rows on one adapter through SigLIP together, every clip of
+        one length, projector and adapter through the conformer together (equal lengths: no padding, so each
+        clip's features are those it gets alone). Returns what `embed_inputs(..., prefetched=)` takes."""
+        out: dict = {}
+        images: dict = {}
+        clips: dict = {}
+        for imgs, auds, projector, adapter in rows:
+            images.setdefault(adapter, []).extend(imgs)
+            if projector is not None:
+                for a in auds:
+                    clips.setdefault((adapter, projector, tuple(a.features.shape), a.num_tokens), []).append(a)
+        for adapter, imgs in images.items():
+            if imgs:
+                rows_arg = self.row_adapters([adapter])
+                for img, f in zip(imgs, self.image_features(imgs, rows_arg)):
+                    out[("image", id(img), rows_arg.uniform)] = f
+        for (adapter, projector, _, _), auds in clips.items():
+            rows_arg = self.row_adapters([adapter])
+            for a, f in zip(auds, self.audio_features_batch(auds, projector, rows_arg)):
+                out[("audio", id(a), projector, rows_arg.uniform)] = f
+        return out
+
+    def audio_features_batch(self, audios: Sequence[AudioInput], projector: AudioProjector,
+                             rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
+        """`audio_features` of several clips of equal length in one encoder call (each also cached)."""
+        if len(audios) == 1:
+            return [self.audio_features(audios[0], projector, rows)]
+        keys = [self.feature_cache.key(a.features, projector.value, rows.uniform) for a in audios]
+        hits = [self.feature_cache.get(k) for k in keys]
+        todo = [a for a, h in zip(audios, hits) if h is None]
+        fresh = iter([])
+        if todo:
+            emb = self.decoder.embed_tokens_extend.audio_embed
+            b, n = len(todo), todo[0].num_tokens
+            ids = torch.full((b, n), self.audio_token_id, device=self.device)
+            zeros = torch.zeros(b, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
+            mode = "speech" if projector is AudioProjector.SPEECH else "vision"
+            with rows.active():
+                feats = emb(ids, zeros, audio_input_features=torch.stack([a.features for a in todo]).to(self.device),
+                            audio_embed_sizes=torch.tensor([n] * b, device=self.device), audio_attention_mask=None,
+                            audio_projection_mode=mode)
+            fresh = iter(feats)
+        out = []
+        for k, h in zip(keys, hits):
+            if h is None:
+                h = next(fresh)
+                self.feature_cache.put(k, h)
+            out.append(h)
+        return out
+
     def embed_inputs(self, input_ids: torch.Tensor, media: Sequence[tuple[Sequence[ImageInput],
-                     Sequence[AudioInput], AudioProjector | None]], rows: RowAdapters = NO_ADAPTER) -> torch.Tensor:
+                     Sequence[AudioInput], AudioProjector | None]], rows: RowAdapters = NO_ADAPTER,
+                     prefetched: dict | None = None) -> torch.Tensor:
         """`[k, T, D]` input embeddings of `k` rows of token ids `[k, T]`, with each row's media features put
         where its placeholder tokens are. `media[j]`: row j's (images, audios, audio projector). All images of
-        all rows go through the vision encoder in one call. Raises `PlaceholderError` when a row's placeholder
-        count differs from its features' rows."""
+        all rows go through the vision encoder in one call. `prefetched`: features `prefetch_media` made for
+        these media (what it lacks is encoded here). Raises `PlaceholderError` when a row's placeholder count
+        differs from its features' rows."""
         emb = self.embed_tokens(input_ids)  # [k, T, D]
+        pre = prefetched or {}
         images = [img for imgs, _, _ in media for img in imgs]
-        image_feats = iter(self.image_features(images, rows)) if images else None
+        have = [pre.get(("image", id(img), rows.uniform)) for img in images]
+        if images and any(h is None for h in have):
+            have = self.image_features(images, rows)
+        image_feats = iter(have) if images else None
         for j, (imgs, auds, projector) in enumerate(media):
             for kind, token_id, items in (("image", self.image_token_id, imgs), ("audio", self.audio_token_id, auds)):
                 if not items:
@@ -280,7 +339,9 @@ class Phi4MMComposition(nn.Module):
                 else:
                     if projector is None:
                         raise RouteError("a row with audio needs an audio projector in its route")
-                    feats = torch.cat([self.audio_features(a, projector, rows) for a in items])
+                    feats = torch.cat([pre.get(("audio", id(a), projector, rows.uniform))
+                                       if ("audio", id(a), projector, rows.uniform) in pre
+                                       else self.audio_features(a, projector, rows) for a in items])
                 where = input_ids[j] == token_id
                 n = int(where.sum())
                 if n != feats.shape[0]:

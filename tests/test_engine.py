@@ -215,3 +215,54 @@ def test_batch_cache_joins_and_leaves_right_aligned():
     assert batch.width == 9 and torch.equal(batch.layers[0].keys[0, :, 5:8], b.layers[0].keys[1])
     batch.keep_rows([])
     assert batch.rows == 0 and batch.positions == 0
+
+
+def test_rows_media_encoded_together(tiny_ckpt):
+    """A prefill's rows send their images through SigLIP in one call per adapter and their equal-length clips
+    through the conformer in one call per projector; every row still equals the request alone."""
+    p = phimm.load(tiny_ckpt, dtype="float32", threads=1)
+    p.model.feature_cache.capacity = 0  # every call encodes
+    aud = [make_audio(i, seconds=1.2) for i in range(3)]
+    reqs = [phimm.Request(prompt="<|image|>what color", images=[make_image(i)]) for i in range(3)]
+    reqs += [phimm.Request(prompt="<|audio|>transcribe the clip", audios=[a]) for a in aud]
+    reqs += [phimm.Request(prompt="<|image|><|audio|>answer", images=[make_image(5)], audios=[aud[0]])]
+    alone = [p(r, max_new_tokens=4, output_logits=True) for r in reqs]
+    emb = p.model.decoder.embed_tokens_extend
+    calls = {"siglip": 0, "conformer": 0}
+    hooks = [emb.image_embed.img_processor.register_forward_hook(lambda *a: calls.__setitem__("siglip", calls["siglip"] + 1)),
+             emb.audio_embed.encoder.register_forward_hook(lambda *a: calls.__setitem__("conformer", calls["conformer"] + 1))]
+    prefills = p.engine.counters["prefills"]
+    try:
+        together = p(reqs, max_new_tokens=4, output_logits=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    for a, t in zip(alone, together):
+        assert t.token_ids == a.token_ids
+        assert (t.logits - a.logits).abs().max().item() < 1e-5
+    # per prefill bucket at most one SigLIP call (all rows here are on the vision adapter) and one conformer call
+    # per projector; one at a time, 4 images and 4 clips would take 4 calls each
+    buckets = p.engine.counters["prefills"] - prefills
+    assert calls["siglip"] <= buckets and calls["siglip"] < 4
+    assert calls["conformer"] <= 2 * buckets and calls["conformer"] < 4
+    p.close()
+
+
+def test_incremental_text_equals_full_decode(tiny_pipe):
+    """The engine decodes only each row's new tokens (with a little context) per step: the text so far is always
+    a prefix of decoding every token at once, multi-byte characters split over tokens included, and ends equal."""
+    from phimm.engine import _Row
+
+    engine = tiny_pipe.engine
+    tok = engine.tokenizer
+    text = "héllo wörld 😀 the red square — ünïcode ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    row = _Row.__new__(_Row)
+    row.tokens, row.text, row.prefix_offset, row.read_offset = [], "", 0, 0
+    for t in ids:
+        row.tokens.append(t)
+        full = tok.decode(row.tokens, skip_special_tokens=True)
+        got = engine._text(row, full=False)
+        assert full.startswith(got) and "\ufffd" not in got
+    assert engine._text(row, full=False) == tok.decode(ids, skip_special_tokens=True)

@@ -48,6 +48,9 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str |
     expected = report.expected
 
     shards = MappedShards(report.tensors, per_file=mmap_per_file)
+    # on an accelerator (and no device_map), each tensor goes from its memory-mapped file straight to the device and
+    # is converted there: the host never holds a copy of the model
+    target = torch.device(device) if device_map is None and torch.device(device).type != "cpu" else None
     state: dict[str, torch.Tensor] = {}
     lora_state: dict[str, torch.Tensor] = {}
     for key in report.tensors:
@@ -55,6 +58,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str |
             lora_state[key] = shards.get(key)  # kept as stored: A / B for the adapters
             continue
         t = shards.get(key)
+        if target is not None:
+            t = t.to(target)
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         state[expected.native[key]] = t
