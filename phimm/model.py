@@ -17,7 +17,7 @@ from torch import nn
 from adapters import NO_ADAPTER, AdapterDataError, LoraAdapter, LoraLinear, RowAdapters, find_targets, wrap_targets
 from routers import AudioProjector
 
-from .errors import AdapterError, PlaceholderError, RouteError, UnknownAdapterError
+from .errors import AdapterError, PlaceholderError, RouteError
 from .types import AudioInput, ImageInput, hd_grid
 
 def _cache_kwarg() -> str:
@@ -367,9 +367,3 @@ class Phi4MMComposition(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
-
-    def check_route(self, adapter: str | None, projector: AudioProjector | None) -> None:
-        if adapter is not None and adapter not in self.adapter_info:
-            raise UnknownAdapterError(
-                f"unknown adapter {adapter!r}; this model has {self.adapter_names or 'no adapters'}"
-            )

@@ -46,6 +46,29 @@ def resolve_dtype(dtype) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
 
 
+class Preparer:
+    """Turns a request into its `Prepared` input and `Route` with no model at hand: the processor, the router and
+    the names of the model's adapters. `phimm serve` prepares requests with one in its HTTP process (media
+    decoding and processing on the other core) while the worker process's engine decodes."""
+
+    def __init__(self, processor: Processor, router, adapters: Sequence[str]):
+        self.processor = processor
+        self.router = router
+        self.adapters = list(adapters)
+
+    def __call__(self, request: Request | str) -> tuple[Prepared, Route]:
+        prepared = self.processor.prepare(request)
+        route = self.router(prepared.route_input)
+        if not isinstance(route, Route):
+            raise RouteError(f"the router returned {type(route).__name__}, not a phimm Route")
+        if route.adapter is not None and route.adapter not in self.adapters:
+            raise UnknownAdapterError(f"unknown adapter {route.adapter!r}; this model has "
+                                      f"{self.adapters or 'no adapters'}")
+        if prepared.audios and route.audio_projector is None:
+            raise RouteError(f"route {route} has no audio projector but the request has audio")
+        return prepared, route
+
+
 class Pipeline:
     """Runs requests through one model. Create it with `phimm.load(...)`.
 
@@ -88,14 +111,11 @@ class Pipeline:
     # ---- requests -> rows ----------------------------------------------------------------------------------
     def prepare(self, request: Request | str) -> tuple[Prepared, Route]:
         """Validate and process one request and route it; raises a `PhimmError` before any model compute."""
-        prepared = self.processor.prepare(request)
-        route = self.router(prepared.route_input)
-        if not isinstance(route, Route):
-            raise RouteError(f"the router returned {type(route).__name__}, not a phimm Route")
-        self.model.check_route(route.adapter, route.audio_projector)
-        if prepared.audios and route.audio_projector is None:
-            raise RouteError(f"route {route} has no audio projector but the request has audio")
-        return prepared, route
+        return self.preparer()(request)
+
+    def preparer(self) -> "Preparer":
+        """What `prepare` does, without the model: picklable (where the router is), for another process."""
+        return Preparer(self.processor, self.router, list(self.model.adapter_names))
 
     # ---- running -------------------------------------------------------------------------------------------
     @property
@@ -123,9 +143,17 @@ class Pipeline:
         handed to that callable instead. `clip_to_context`: ask for no more new tokens than the model's context
         leaves after the prompt. Raises a `PhimmError` on bad input, before any model compute, and
         `QueueFullError` when the engine's queue is full."""
-        opts = GenerationOptions.from_kwargs(self.generation, **generation)
         arrival = time.perf_counter() if arrival is None else arrival
         prepared, route = self.prepare(x)
+        return self.open_prepared(prepared, route, loop=loop, arrival=arrival, clip_to_context=clip_to_context,
+                                  sink=sink, **generation)
+
+    def open_prepared(self, prepared: Prepared, route: Route, *, loop: asyncio.AbstractEventLoop | None = None,
+                      arrival: float | None = None, clip_to_context: bool = False, sink=None,
+                      **generation) -> RequestStream:
+        """`open` for a request already prepared and routed (by `prepare`, or a `Preparer` elsewhere)."""
+        opts = GenerationOptions.from_kwargs(self.generation, **generation)
+        arrival = time.perf_counter() if arrival is None else arrival
         room = (self.engine.max_context or 1 << 30) - len(prepared.input_ids)
         if clip_to_context and opts.max_new_tokens > room:
             opts = GenerationOptions.from_kwargs(opts, max_new_tokens=max(1, room),

@@ -2,10 +2,12 @@
 
 Python runs one thread at a time per process: in one process, the HTTP event loop (parsing requests, writing
 server-sent events) and the engine's decode loop would take turns. `phimm serve` therefore loads the model in a
-worker process that prepares requests and runs the engine, and the HTTP process talks to it over a pipe:
+worker process that runs the engine; the HTTP process prepares requests (tokens, image crops, audio features: a
+`Preparer`, sent by the worker once it has loaded) and talks to it over a pipe:
 
     HTTP process                                  worker process
-    EngineProcess.open(request) --("open")-->     Pipeline.open(request, sink=...)  -> engine thread
+    Preparer(request): processed and routed here, on the other core
+    EngineProcess.open(request) --("submit")-->   Pipeline.open_prepared(..., sink=...)  -> engine thread
     stream (asyncio queue)      <--("deltas")--   sender thread: every delta since its last send, in one message
     stream.cancel()             --("cancel")-->   the engine ends the row at its next step
 
@@ -19,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import pickle
 import threading
 import time
 from typing import Any
@@ -61,6 +64,7 @@ class EngineProcess:
             self._proc.join(timeout=10)
             raise info
         self.name, self.adapters, self.max_context = info["name"], info["adapters"], info["max_context"]
+        self._preparer = pickle.loads(info["preparer"]) if info.get("preparer") else None
         self._reader = threading.Thread(target=self._read, name="phimm-worker-reader", daemon=True)
         self._reader.start()
 
@@ -70,9 +74,13 @@ class EngineProcess:
     # ---- what the app calls ---------------------------------------------------------------------------------
     def open(self, x, *, loop: asyncio.AbstractEventLoop | None = None, arrival: float | None = None,
              clip_to_context: bool = False, **generation) -> RequestStream:
-        """As `Pipeline.open`: prepared and queued in the worker; raises its `PhimmError` here."""
+        """As `Pipeline.open`: prepared here (in the caller's thread) and queued in the worker; raises its
+        `PhimmError` here."""
         if self.closed is not None:
             raise EngineClosedError(f"the engine worker is gone: {self.closed}")
+        msg = "open"
+        if self._preparer is not None:
+            x, msg = self._preparer(x), "submit"  # a PhimmError for bad input is raised here, before the worker
         rid = next(self._ids)
         stream = RequestStream(rid, None, 0, self, loop)
         done = threading.Event()
@@ -81,7 +89,7 @@ class EngineProcess:
             self._opening[rid] = [done, None, None]
         arrival = time.perf_counter() if arrival is None else arrival  # CLOCK_MONOTONIC: shared by processes
         try:
-            self._send(("open", rid, x, generation, arrival, clip_to_context))
+            self._send((msg, rid, x, generation, arrival, clip_to_context))
         except (OSError, ValueError) as e:
             raise EngineClosedError(f"the engine worker is gone: {e}") from None
         done.wait()
@@ -173,7 +181,13 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
     except BaseException as e:  # noqa: BLE001 - sent to the HTTP process, which reports it
         conn.send(("load_failed", e if isinstance(e, PhimmError) else EngineClosedError(f"{type(e).__name__}: {e}")))
         return
-    conn.send(("ready", {"name": pipe.name, "adapters": list(pipe.adapters), "max_context": pipe.engine.max_context}))
+    try:  # the HTTP process prepares requests itself (on the other core) when the preparer pickles
+        preparer = pickle.dumps(pipe.preparer())
+    except Exception:  # noqa: BLE001 - a router that does not pickle: requests are prepared here
+        log.info("the router does not pickle: requests are prepared in the worker process")
+        preparer = None
+    conn.send(("ready", {"name": pipe.name, "adapters": list(pipe.adapters), "max_context": pipe.engine.max_context,
+                         "preparer": preparer}))
     outbox: list = []
     cond = threading.Condition()
     send_lock = threading.Lock()  # the main thread and the sender thread both send
@@ -218,10 +232,15 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
             except (EOFError, OSError):  # the HTTP process is gone
                 break
             kind = msg[0]
-            if kind == "open":
+            if kind in ("open", "submit"):
                 _, rid, x, generation, arrival, clip = msg
                 try:
-                    stream = pipe.open(x, arrival=arrival, clip_to_context=clip, sink=sink_for(rid), **generation)
+                    if kind == "submit":  # prepared and routed by the HTTP process
+                        stream = pipe.open_prepared(*x, arrival=arrival, clip_to_context=clip, sink=sink_for(rid),
+                                                    **generation)
+                    else:
+                        stream = pipe.open(x, arrival=arrival, clip_to_context=clip, sink=sink_for(rid),
+                                           **generation)
                 except PhimmError as e:
                     send(("failed", rid, e))
                     continue
