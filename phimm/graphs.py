@@ -187,10 +187,8 @@ class GraphDecoder:
     """Runs the engine's decode steps as CUDA graph replays (see the module's docstring)."""
 
     def __init__(self, model, max_rows: int, capture: bool | None = None):
-        from .model import _CACHE_KWARG
-
         self.model = model
-        self.cache_kwarg = _CACHE_KWARG
+        self.cache_kwarg = model.cache_kwarg
         self.device = model.device
         self.max_rows = max_rows
         # capture=False runs the static step eagerly (any device): the graphs' inputs and masks, testable on a CPU

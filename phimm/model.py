@@ -20,17 +20,13 @@ from routers import AudioProjector
 from .errors import AdapterError, PlaceholderError, RouteError
 from .types import AudioInput, ImageInput, hd_grid
 
-def _cache_kwarg() -> str:
-    """The decoder's name for its cache argument: `cache` from transformers 5.24 (`past_key_values` is then
+def _cache_kwarg_of(decoder: nn.Module) -> str:
+    """A decoder's name for its cache argument: `cache` from transformers 5.24 (`past_key_values` is then
     deprecated and warns), `past_key_values` before."""
     import inspect
 
-    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalModel
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
-    return "cache" if "cache" in inspect.signature(Phi4MultimodalModel.forward).parameters else "past_key_values"
-
-
-_CACHE_KWARG = _cache_kwarg()
 
 # Phi-4-multimodal's LoRA targets: the four projections of every decoder layer.
 PHI4MM_LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(gate_up|down)_proj))"
@@ -109,11 +105,13 @@ class FeatureCache:
 
 
 
-class Phi4MMComposition(nn.Module):
-    """The Phi-4-multimodal family: transformers' `Phi4MultimodalForCausalLM` as the module tree (so its
-    checkpoints load as they are), with per-row LoRA and per-row audio projectors added around it."""
+class MixtureModel(nn.Module):
+    """What every model phimm runs shares: a frozen causal LM (`hf`, a transformers `...ForCausalLM`) whose
+    linear layers take named LoRA adapters, each batch row with its own (`row_adapters`), and media features
+    merged where a row's placeholder tokens are (`embed_inputs`). Subclasses say how images and audio become
+    features (`image_features`, `audio_features`) and which token ids hold their place."""
 
-    family = "phi4_multimodal"
+    family = "mixture"
 
     def __init__(self, hf_model: nn.Module, adapters: Mapping[str, LoraAdapter] = (),
                  lora_targets: str = ANY_LINEAR):
@@ -126,8 +124,7 @@ class Phi4MMComposition(nn.Module):
         self._targets: dict[str, LoraLinear] = {}
         self.feature_cache = FeatureCache()
         self.weight_format = "dense"  # or "packed", "int8": set by phimm.quant
-        _skip_unused_vision_head(hf_model)
-        make_vision_attention_bidirectional(hf_model)
+        self.cache_kwarg = _cache_kwarg_of(self.decoder)
         from . import attention  # decode steps: GQA against the cache without per-head K/V copies
 
         if attention.ENABLED:
@@ -135,26 +132,22 @@ class Phi4MMComposition(nn.Module):
         for adapter in dict(adapters).values():
             self.add_adapter(adapter)
 
-    # ---- parts -------------------------------------------------------------------------------------------
     @property
     def decoder(self) -> nn.Module:
+        """The decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`) under the LM head."""
         return self.hf.model
 
     @property
-    def image_token_id(self) -> int:
-        return self.config.vision_config.image_token_id
-
-    @property
-    def audio_token_id(self) -> int:
-        return self.config.audio_config.audio_token_id
-
-    @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
+        return self.embedding.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
+        return self.embedding.weight.device
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.hf.get_input_embeddings()
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> None:
@@ -188,14 +181,12 @@ class Phi4MMComposition(nn.Module):
 
     # ---- embeddings ----------------------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
+        return self.embedding(input_ids)
 
     def image_features(self, images: Sequence[ImageInput], rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
-        """`[num_tokens, hidden]` LM embeddings for each image: all crops of all images through SigLIP in one
-        call (crops are independent, so no padding crops are computed), then each image's HD layout — sub-crop
-        grid with a separator per row, the global separator, the global crop with a separator per row — and the
-        projector, as transformers' `Phi4MultimodalImageEmbedding` lays them out. `rows`: one adapter for all
-        (it matters only where an adapter targets the encoder)."""
+        """`[num_tokens, hidden]` LM embeddings for each image, all of them through the encoder in one call
+        (`_image_features`), recently seen ones from the feature cache. `rows`: one adapter for all (it matters
+        only where an adapter targets the encoder)."""
         keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size, rows.uniform)
                 for img in images]
         cached = [self.feature_cache.get(k) for k in keys]
@@ -210,57 +201,36 @@ class Phi4MMComposition(nn.Module):
             out.append(c)
         return out
 
-    def _image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
-        emb = self.decoder.embed_tokens_extend.image_embed
-        dtype = emb.img_processor.embeddings.patch_embedding.weight.dtype
-        crops = torch.cat([img.pixel_values for img in images]).to(self.device, dtype)
-        masks = torch.cat([img.attention_mask for img in images]).to(self.device, torch.bool)
-        feats = emb.get_img_features(crops, attention_mask=masks)  # [crops, f*f, C]
-        f = int(round(feats.shape[1] ** 0.5))
-        C = feats.shape[-1]
-        crop = emb.crop_size
-        out, start = [], 0
-        for img in images:
-            n = img.pixel_values.shape[0]
-            h_ratio, w_ratio, useful_h, useful_w = hd_grid(img.attention_mask, img.size, crop, f)
-            own = feats[start : start + n]
-            start += n
-            glb = own[0].reshape(f, f, C)
-            glb = torch.cat([glb, emb.sub_img_feature_extensor[0].expand(f, 1, C)], dim=1).reshape(-1, C)
-            sub = own[1 : 1 + h_ratio * w_ratio].reshape(h_ratio, w_ratio, f, f, C)
-            sub = sub.transpose(1, 2).reshape(h_ratio * f, w_ratio * f, C)
-            sub = sub[:useful_h, :useful_w]
-            sub = torch.cat([sub, emb.sub_img_feature_extensor[0].expand(useful_h, 1, C)], dim=1).reshape(-1, C)
-            layout = torch.cat([sub, emb.global_img_feature_extensor[0], glb])  # [num_tokens, C]
-            proj = emb.img_projection_down(nn.functional.gelu(emb.img_projection_up(layout.contiguous())))
-            if proj.shape[0] != img.num_tokens:
-                raise RouteError(f"image features give {proj.shape[0]} tokens, the prompt has {img.num_tokens}")
-            out.append(proj)
-        return out
-
     def audio_features(self, audio: AudioInput, projector: AudioProjector,
                        rows: RowAdapters = NO_ADAPTER) -> torch.Tensor:
         """`[num_tokens, hidden]` LM embeddings of one clip through the chosen projector."""
-        key = self.feature_cache.key(audio.features, projector.value, rows.uniform)
-        hit = self.feature_cache.get(key)
-        if hit is not None:
-            return hit
-        emb = self.decoder.embed_tokens_extend.audio_embed
-        n = audio.num_tokens
-        ids = torch.full((1, n), self.audio_token_id, device=self.device)
-        zeros = torch.zeros(1, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        mode = "speech" if projector is AudioProjector.SPEECH else "vision"
-        with rows.active():
-            out = emb(
-                ids,
-                zeros,
-                audio_input_features=audio.features.unsqueeze(0).to(self.device),
-                audio_embed_sizes=torch.tensor([n], device=self.device),
-                audio_attention_mask=None,
-                audio_projection_mode=mode,
-            )
-        self.feature_cache.put(key, out[0])
-        return out[0]
+        return self.audio_features_batch([audio], projector, rows)[0]
+
+    def audio_features_batch(self, audios: Sequence[AudioInput], projector: AudioProjector,
+                             rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
+        """`audio_features` of several clips of equal length in one encoder call (each also cached)."""
+        keys = [self.feature_cache.key(a.features, projector.value, rows.uniform) for a in audios]
+        hits = [self.feature_cache.get(k) for k in keys]
+        todo = [a for a, h in zip(audios, hits) if h is None]
+        fresh = iter([])
+        if todo:
+            with rows.active():
+                fresh = iter(self._audio_features(todo, projector))
+        out = []
+        for k, h in zip(keys, hits):
+            if h is None:
+                h = next(fresh)
+                self.feature_cache.put(k, h)
+            out.append(h)
+        return out
+
+    def _image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """Each image's `[num_tokens, hidden]` features (the encoder and projector, no cache)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no images")
+
+    def _audio_features(self, audios: Sequence[AudioInput], projector: AudioProjector) -> list[torch.Tensor]:
+        """Each clip's `[num_tokens, hidden]` features through `projector` (clips of one length; no cache)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no audio")
 
     def prefetch_media(self, rows: Sequence[tuple[Sequence[ImageInput], Sequence[AudioInput], AudioProjector | None,
                                                   str | None]]) -> dict:
@@ -287,34 +257,6 @@ class Phi4MMComposition(nn.Module):
                 out[("audio", id(a), projector, rows_arg.uniform)] = f
         return out
 
-    def audio_features_batch(self, audios: Sequence[AudioInput], projector: AudioProjector,
-                             rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
-        """`audio_features` of several clips of equal length in one encoder call (each also cached)."""
-        if len(audios) == 1:
-            return [self.audio_features(audios[0], projector, rows)]
-        keys = [self.feature_cache.key(a.features, projector.value, rows.uniform) for a in audios]
-        hits = [self.feature_cache.get(k) for k in keys]
-        todo = [a for a, h in zip(audios, hits) if h is None]
-        fresh = iter([])
-        if todo:
-            emb = self.decoder.embed_tokens_extend.audio_embed
-            b, n = len(todo), todo[0].num_tokens
-            ids = torch.full((b, n), self.audio_token_id, device=self.device)
-            zeros = torch.zeros(b, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
-            mode = "speech" if projector is AudioProjector.SPEECH else "vision"
-            with rows.active():
-                feats = emb(ids, zeros, audio_input_features=torch.stack([a.features for a in todo]).to(self.device),
-                            audio_embed_sizes=torch.tensor([n] * b, device=self.device), audio_attention_mask=None,
-                            audio_projection_mode=mode)
-            fresh = iter(feats)
-        out = []
-        for k, h in zip(keys, hits):
-            if h is None:
-                h = next(fresh)
-                self.feature_cache.put(k, h)
-            out.append(h)
-        return out
-
     def embed_inputs(self, input_ids: torch.Tensor, media: Sequence[tuple[Sequence[ImageInput],
                      Sequence[AudioInput], AudioProjector | None]], rows: RowAdapters = NO_ADAPTER,
                      prefetched: dict | None = None) -> torch.Tensor:
@@ -323,7 +265,9 @@ class Phi4MMComposition(nn.Module):
         all rows go through the vision encoder in one call. `prefetched`: features `prefetch_media` made for
         these media (what it lacks is encoded here). Raises `PlaceholderError` when a row's placeholder count
         differs from its features' rows."""
-        emb = self.embed_tokens(input_ids)  # [k, T, D]
+        placeholders = (input_ids == self.image_token_id) | (input_ids == self.audio_token_id)
+        # placeholder ids added to a base model's tokenizer lie beyond its embeddings: looked up as id 0, replaced
+        emb = self.embed_tokens(input_ids.masked_fill(placeholders, 0))  # [k, T, D]
         pre = prefetched or {}
         images = [img for imgs, _, _ in media for img in imgs]
         have = [pre.get(("image", id(img), rows.uniform)) for img in images]
@@ -361,9 +305,71 @@ class Phi4MMComposition(nn.Module):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=True,
-                **{_CACHE_KWARG: cache},
+                **{self.cache_kwarg: cache},
             )
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
+
+
+class Phi4MMComposition(MixtureModel):
+    """The Phi-4-multimodal family: transformers' `Phi4MultimodalForCausalLM` as the module tree (so its
+    checkpoints load as they are), its SigLIP with the HD crop layout and its conformer with the speech and
+    vision-speech projectors, per-row LoRA and per-row audio projectors added around it."""
+
+    family = "phi4_multimodal"
+
+    def __init__(self, hf_model: nn.Module, adapters: Mapping[str, LoraAdapter] = (),
+                 lora_targets: str = ANY_LINEAR):
+        _skip_unused_vision_head(hf_model)
+        make_vision_attention_bidirectional(hf_model)
+        super().__init__(hf_model, adapters, lora_targets)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.vision_config.image_token_id
+
+    @property
+    def audio_token_id(self) -> int:
+        return self.config.audio_config.audio_token_id
+
+    def _image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        emb = self.decoder.embed_tokens_extend.image_embed
+        dtype = emb.img_processor.embeddings.patch_embedding.weight.dtype
+        crops = torch.cat([img.pixel_values for img in images]).to(self.device, dtype)
+        masks = torch.cat([img.attention_mask for img in images]).to(self.device, torch.bool)
+        feats = emb.get_img_features(crops, attention_mask=masks)  # [crops, f*f, C]
+        f = int(round(feats.shape[1] ** 0.5))
+        C = feats.shape[-1]
+        crop = emb.crop_size
+        out, start = [], 0
+        for img in images:
+            n = img.pixel_values.shape[0]
+            h_ratio, w_ratio, useful_h, useful_w = hd_grid(img.attention_mask, img.size, crop, f)
+            own = feats[start : start + n]
+            start += n
+            glb = own[0].reshape(f, f, C)
+            glb = torch.cat([glb, emb.sub_img_feature_extensor[0].expand(f, 1, C)], dim=1).reshape(-1, C)
+            sub = own[1 : 1 + h_ratio * w_ratio].reshape(h_ratio, w_ratio, f, f, C)
+            sub = sub.transpose(1, 2).reshape(h_ratio * f, w_ratio * f, C)
+            sub = sub[:useful_h, :useful_w]
+            sub = torch.cat([sub, emb.sub_img_feature_extensor[0].expand(useful_h, 1, C)], dim=1).reshape(-1, C)
+            layout = torch.cat([sub, emb.global_img_feature_extensor[0], glb])  # [num_tokens, C]
+            proj = emb.img_projection_down(nn.functional.gelu(emb.img_projection_up(layout.contiguous())))
+            if proj.shape[0] != img.num_tokens:
+                raise RouteError(f"image features give {proj.shape[0]} tokens, the prompt has {img.num_tokens}")
+            out.append(proj)
+        return out
+
+
+    def _audio_features(self, audios: Sequence[AudioInput], projector: AudioProjector) -> list[torch.Tensor]:
+        emb = self.decoder.embed_tokens_extend.audio_embed
+        b, n = len(audios), audios[0].num_tokens
+        ids = torch.full((b, n), self.audio_token_id, device=self.device)
+        zeros = torch.zeros(b, n, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        mode = "speech" if projector is AudioProjector.SPEECH else "vision"
+        feats = emb(ids, zeros, audio_input_features=torch.stack([a.features for a in audios]).to(self.device),
+                    audio_embed_sizes=torch.tensor([n] * b, device=self.device), audio_attention_mask=None,
+                    audio_projection_mode=mode)
+        return list(feats)
