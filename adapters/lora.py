@@ -251,7 +251,8 @@ class LoraLinear(nn.Module):
         elif rows.rank_mask is not None:
             a, b = self.stacked(rows.ranks)
             h = nn.functional.linear(x, a)  # [B, T, sum r]
-            h.mul_(rows.rank_mask.to(h.dtype).unsqueeze(1))  # each row's own ranks, times its adapter's scale
+            mask = rows.rank_mask.to(h.dtype)  # each row's own ranks, times its adapter's scale
+            h.mul_(mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1]))  # [B, (T,) sum r]
             out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t())
         return out
 

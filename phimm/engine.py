@@ -529,7 +529,7 @@ class Engine:
         cache = PreallocatedCache(model.config.num_hidden_layers, width)
         rows_arg = model.row_adapters([r.route.adapter for r, _ in group])
         hidden = model.decode(embeds, mask, pos, cache, rows_arg)
-        return cache, model.logits(hidden[:, -1]), width
+        return cache, model.logits(hidden[:, -1], rows_arg), width
 
     def _decode(self) -> None:
         model = self.model
@@ -549,7 +549,7 @@ class Engine:
                     pos = self._cache.next_positions(device=device)
                     hidden = model.decode(model.embed_tokens(tokens), mask, pos, self._cache, self._row_adapters)
                     self._cache.advance()
-                    logits = model.logits(hidden[:, -1])  # [B, V]
+                    logits = model.logits(hidden[:, -1], self._row_adapters)  # [B, V]
             self.kv_bytes_peak = max(self.kv_bytes_peak, self._cache.nbytes)
         except Exception as e:  # noqa: BLE001 - the batch's rows fail, the engine serves on
             self._fail(list(running), e)

@@ -59,6 +59,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle-based checkpoint (.bin / .pt) that was not explicitly allowed."""
 
 
+class CompositionError(CheckpointError):
+    """Parts that do not make a composition (`phimm.compose`): an encoder of an unknown kind, a base without a
+    decoder stack phimm can run, projectors that do not fit the parts."""
+
+
 class ContextLengthError(PromptError):
     """A prompt (plus the tokens asked for) longer than the model's context or the engine's KV-cache budget."""
 

@@ -265,7 +265,7 @@ class GraphDecoder:
                             **{self.cache_kwarg: gcache})
                 h = out[0] if isinstance(out, tuple) else out
             h = decoder.norm(h)
-            return self.model.logits(h[:, -1])
+            return self.model.logits(h[:, -1], rows)
 
     def _capture(self, cache, padded, cols, rows) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream(self.device)

@@ -309,8 +309,10 @@ class MixtureModel(nn.Module):
             )
         return out.last_hidden_state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.hf.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, rows: RowAdapters = NO_ADAPTER) -> torch.Tensor:
+        """The output head on `hidden`, each row with its adapter where one targets the head."""
+        with rows.active():
+            return self.hf.lm_head(hidden)
 
 
 class Phi4MMComposition(MixtureModel):

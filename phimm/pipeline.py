@@ -220,15 +220,20 @@ class Pipeline:
                                   "pack_weights=False to save it")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.hf.save_pretrained(str(path))
-        self.processor.save_pretrained(path)
+        extra = {}
+        if hasattr(self.model, "save_parts"):  # a composition: its parts in folders of their own
+            extra["composition"] = self.model.save_parts(path, self.processor)
+            extra["routing"] = _routing_table(self.router)
+        else:
+            self.model.hf.save_pretrained(str(path))
+            self.processor.save_pretrained(path)
         folders = {}
         for name in self.model.adapter_names:
             folder = f"{name}-lora"
             save_peft_adapter(self.model.export_adapter(name), path / folder)
             folders[name] = folder
         meta = {**self.meta, "format_version": checkpoint.FORMAT_VERSION, "family": self.model.family,
-                "adapters": folders}
+                "adapters": folders, **extra}
         (path / checkpoint.PHIMM_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -279,6 +284,16 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     engine's `EngineLimits` (running rows, queue, KV-cache budget). Extra keyword arguments set generation
     defaults."""
     torch.set_num_threads(threads or default_threads())
+    if path is not None:
+        from .compose import load_composition, read_meta
+
+        meta = read_meta(Path(path))
+        if meta and meta.get("composition"):
+            if quantize is not None or device_map is not None:
+                raise CheckpointError("quantize and device_map are not supported for compositions yet")
+            return load_composition(Path(path), meta, dtype=dtype, device=device,
+                                    router=router or _router_from_table(meta.get("routing")), threads=threads,
+                                    limits=limits, adapters=adapters, **generation)
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():
             raise checkpoint.CheckpointError(
@@ -311,3 +326,23 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     opts = GenerationOptions.from_kwargs(None, **gen_defaults)
     name = "embedded" if path == EMBEDDED_DIR else str(path)
     return Pipeline(model, processor, router=router, generation=opts, name=name, meta=loaded.meta, limits=limits)
+
+
+_ROUTE_KEYS = {"text": (False, False), "image": (True, False), "audio": (False, True), "image+audio": (True, True)}
+
+
+def _routing_table(router) -> dict | None:
+    """A modality router's table for phimm.json (None for other routers: they are not saved)."""
+    from routers import ModalityRouter
+
+    if type(router) is not ModalityRouter:
+        return None
+    return {name: router.table[key] for name, key in _ROUTE_KEYS.items()}
+
+
+def _router_from_table(table: dict | None):
+    from routers import ModalityRouter
+
+    if not table:
+        return None
+    return ModalityRouter({key: table.get(name) for name, key in _ROUTE_KEYS.items()})
