@@ -26,8 +26,7 @@ from routers import AudioProjector, Route, RouteInput  # noqa: E402
 
 from . import errors  # noqa: E402
 from .generation import GenerationOptions  # noqa: E402
-from .compose import compose  # noqa: E402
-from .pipeline import Pipeline, load  # noqa: E402
+from .pipeline import Pipeline, compose, load  # noqa: E402
 from .types import Output, Request  # noqa: E402
 
 __version__ = "0.1.0"

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.set_defaults(func=cmd_run)
 
-    from . import bench, bench_serve, eval as eval_cmd, train
+    from . import bench, bench_serve, eval as eval_cmd, router_training, train
     from .serve import cli as serve_cli
 
     eval_cmd.register(sub)
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.register(bench_parser.add_subparsers(
         dest="mode", metavar="[serve]", help="optional: 'serve' benchmarks continuous batching over HTTP"))
     train.register(sub)
+    router_training.register(sub)
     for ep in entry_points(group="phimm.commands"):  # other packages' subcommands: `phimm demo` (demo.cli)
         ep.load()(sub)
     return parser

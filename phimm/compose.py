@@ -229,12 +229,6 @@ class ComposedProcessor(Processor):
 # ---- building -------------------------------------------------------------------------------------------------
 
 
-def _resolve_dtype(dtype) -> torch.dtype:
-    from .pipeline import resolve_dtype
-
-    return resolve_dtype(dtype)
-
-
 def load_base(path: str | Path, dtype: torch.dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -301,25 +295,18 @@ def default_router(adapters: Sequence[str]) -> ModalityRouter:
                            (True, True): vision or speech})
 
 
-def compose(base: str | Path, vision: str | Path | None = None, speech: str | Path | None = None,
-            adapters: Mapping[str, str | Path] | None = None, router=None, *, dtype="float32", device="cpu",
-            speech_stack: int = 4, seed: int = 0, threads: int | None = None, limits=None,
-            projectors: str | Path | None = None, meta: dict | None = None, **generation):
-    """A `Pipeline` over a composition of local Hugging Face parts (see the module's docstring). `adapters`:
-    name -> peft folder. `router`: any phimm router (default: the modality table over the adapters given).
-    `projectors`: a safetensors file of trained projectors (default: new, drawn with `seed`)."""
-    from .generation import GenerationOptions
-    from .pipeline import Pipeline, default_threads
-
-    torch.set_num_threads(threads or default_threads())
-    dt = _resolve_dtype(dtype)
-    hf, tokenizer = load_base(base, dt, device)
+def build(base: str | Path, vision: str | Path | None = None, speech: str | Path | None = None,
+          adapters: Mapping[str, str | Path] | None = None, *, dtype: torch.dtype = torch.float32, device="cpu",
+          speech_stack: int = 4, seed: int = 0, projectors: str | Path | None = None
+          ) -> tuple[ComposedModel, ComposedProcessor]:
+    """The model and processor of a composition of local parts (`phimm.compose` makes a pipeline of them)."""
+    hf, tokenizer = load_base(base, dtype, device)
     vis = kind = image_processor = None
     if vision is not None:
-        vis, kind, image_processor = load_vision(vision, dt)
+        vis, kind, image_processor = load_vision(vision, dtype)
     enc = feature_extractor = None
     if speech is not None:
-        enc, feature_extractor = load_speech(speech, dt)
+        enc, feature_extractor = load_speech(speech, dtype)
     loaded = {}
     for name, folder in dict(adapters or {}).items():
         try:
@@ -340,32 +327,7 @@ def compose(base: str | Path, vision: str | Path | None = None, speech: str | Pa
         from safetensors.torch import load_file
 
         model.load_projector_state(load_file(str(projectors)))
-    meta = dict(meta or {})
-    meta.setdefault("sources", {"base": str(base), "vision": str(vision) if vision else None,
-                                "speech": str(speech) if speech else None})
-    opts = GenerationOptions.from_kwargs(None, **generation)
-    return Pipeline(model, processor, router=router or default_router(model.adapter_names), generation=opts,
-                    name=str(base), meta=meta, limits=limits)
-
-
-def load_composition(path: Path, meta: dict, *, dtype="float32", device="cpu", router=None, threads=None,
-                     limits=None, adapters=None, **generation):
-    """`phimm.load` of a saved composition (phimm.json with a `composition` entry)."""
-    entry = meta["composition"]
-    folders = {name: path / rel for name, rel in (meta.get("adapters") or {}).items()}
-    if adapters is not None:
-        missing = sorted(set(adapters) - set(folders))
-        if missing:
-            from .errors import UnknownAdapterError
-
-            raise UnknownAdapterError(f"adapters {missing} are not in {path}; it has {sorted(folders)}")
-        folders = {n: folders[n] for n in adapters}
-    gen = dict(meta.get("generation") or {})
-    gen.update(generation)
-    return compose(path / entry["base"], path / entry["vision"] if entry.get("vision") else None,
-                   path / entry["speech"] if entry.get("speech") else None, folders, router, dtype=dtype,
-                   device=device, speech_stack=int(entry.get("speech_stack", 4)), threads=threads, limits=limits,
-                   projectors=path / entry["projectors"], meta=meta, **gen)
+    return model, processor
 
 
 def read_meta(path: Path) -> dict | None:

@@ -309,6 +309,18 @@ class MixtureModel(nn.Module):
             )
         return out.last_hidden_state
 
+    @torch.inference_mode()
+    def route_features(self, prepared) -> torch.Tensor:
+        """A learned router's input: the base model's (no adapter) last hidden states over the prompt, media
+        through the projectors the modalities choose, averaged over the positions: `[hidden]`, float32, CPU."""
+        from routers import projector_for
+
+        ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=self.device)
+        media = [(prepared.images, prepared.audios, projector_for(prepared.route_input))]
+        embeds = self.embed_inputs(ids, media, NO_ADAPTER)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), use_cache=False)
+        return out.last_hidden_state[0].float().mean(0).cpu()
+
     def logits(self, hidden: torch.Tensor, rows: RowAdapters = NO_ADAPTER) -> torch.Tensor:
         """The output head on `hidden`, each row with its adapter where one targets the head."""
         with rows.active():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -20,6 +21,7 @@ from . import checkpoint
 from .errors import CheckpointError, PhimmError, PromptError, RouteError, UnknownAdapterError
 from .engine import Engine, EngineLimits, RequestStream
 from .generation import GenerationOptions
+from .compose import build as build_composition, default_router, read_meta
 from .model import Phi4MMComposition
 from .processor import Processor
 from .types import Output, Prepared, Request
@@ -51,14 +53,22 @@ class Preparer:
     the names of the model's adapters. `phimm serve` prepares requests with one in its HTTP process (media
     decoding and processing on the other core) while the worker process's engine decodes."""
 
-    def __init__(self, processor: Processor, router, adapters: Sequence[str]):
+    def __init__(self, processor: Processor, router, adapters: Sequence[str], features=None):
         self.processor = processor
         self.router = router
         self.adapters = list(adapters)
+        self.features = features  # Prepared -> pooled prompt embedding, for a router that `needs_features`
 
     def __call__(self, request: Request | str) -> tuple[Prepared, Route]:
         prepared = self.processor.prepare(request)
-        route = self.router(prepared.route_input)
+        if getattr(self.router, "needs_features", False) and prepared.route_input.forced is None:
+            if self.features is None:
+                raise RouteError("this router needs the prompt's embedding, and no model is at hand to make it")
+            prepared.route_input = dataclasses.replace(prepared.route_input, features=self.features(prepared))
+        try:
+            route = self.router(prepared.route_input)
+        except ValueError as e:
+            raise RouteError(f"the router could not route this request: {e}") from e
         if not isinstance(route, Route):
             raise RouteError(f"the router returned {type(route).__name__}, not a phimm Route")
         if route.adapter is not None and route.adapter not in self.adapters:
@@ -115,7 +125,8 @@ class Pipeline:
 
     def preparer(self) -> "Preparer":
         """What `prepare` does, without the model: picklable (where the router is), for another process."""
-        return Preparer(self.processor, self.router, list(self.model.adapter_names))
+        features = self.model.route_features if getattr(self.router, "needs_features", False) else None
+        return Preparer(self.processor, self.router, list(self.model.adapter_names), features)
 
     # ---- running -------------------------------------------------------------------------------------------
     @property
@@ -232,6 +243,9 @@ class Pipeline:
             folder = f"{name}-lora"
             save_peft_adapter(self.model.export_adapter(name), path / folder)
             folders[name] = folder
+        if hasattr(self.router, "save") and getattr(self.router, "needs_features", False):
+            self.router.save(path / "router")
+            extra["router"] = "router"
         meta = {**self.meta, "format_version": checkpoint.FORMAT_VERSION, "family": self.model.family,
                 "adapters": folders, **extra}
         (path / checkpoint.PHIMM_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -285,15 +299,13 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     defaults."""
     torch.set_num_threads(threads or default_threads())
     if path is not None:
-        from .compose import load_composition, read_meta
-
         meta = read_meta(Path(path))
         if meta and meta.get("composition"):
             if quantize is not None or device_map is not None:
                 raise CheckpointError("quantize and device_map are not supported for compositions yet")
-            return load_composition(Path(path), meta, dtype=dtype, device=device,
-                                    router=router or _router_from_table(meta.get("routing")), threads=threads,
-                                    limits=limits, adapters=adapters, **generation)
+            return _load_composition(Path(path), meta, dtype=dtype, device=device,
+                                     router=router or _saved_router(Path(path), meta), threads=threads,
+                                     limits=limits, adapters=adapters, **generation)
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():
             raise checkpoint.CheckpointError(
@@ -325,6 +337,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     gen_defaults.update(generation)
     opts = GenerationOptions.from_kwargs(None, **gen_defaults)
     name = "embedded" if path == EMBEDDED_DIR else str(path)
+    if router is None and loaded.meta.get("router"):
+        router = _saved_router(path, loaded.meta)
     return Pipeline(model, processor, router=router, generation=opts, name=name, meta=loaded.meta, limits=limits)
 
 
@@ -340,9 +354,54 @@ def _routing_table(router) -> dict | None:
     return {name: router.table[key] for name, key in _ROUTE_KEYS.items()}
 
 
-def _router_from_table(table: dict | None):
-    from routers import ModalityRouter
+def _saved_router(path: Path, meta: dict):
+    """The router phimm.json records: a learned router's folder, or a modality table (None: the default)."""
+    from routers import LearnedRouter, ModalityRouter
 
+    if meta.get("router"):
+        return LearnedRouter.load(path / meta["router"])
+    table = meta.get("routing")
     if not table:
         return None
     return ModalityRouter({key: table.get(name) for name, key in _ROUTE_KEYS.items()})
+
+
+# ---- compositions -------------------------------------------------------------------------------------------
+
+
+def compose(base: str | Path, vision: str | Path | None = None, speech: str | Path | None = None,
+            adapters: dict | None = None, router=None, *, dtype="float32", device="cpu", speech_stack: int = 4,
+            seed: int = 0, threads: int | None = None, limits: EngineLimits | None = None,
+            projectors: str | Path | None = None, meta: dict | None = None, **generation) -> Pipeline:
+    """A `Pipeline` over a composition of local Hugging Face parts (`phimm.compose`'s module docstring):
+    `base` any causal LM folder, `vision` a SigLIP / CLIP folder, `speech` a Whisper folder, `adapters`
+    name -> peft folder. `router`: any phimm router (default: the modality table over the adapters given).
+    `projectors`: a safetensors file of trained projectors (default: new ones, drawn with `seed`). Extra keyword
+    arguments set generation defaults."""
+    torch.set_num_threads(threads or default_threads())
+    model, processor = build_composition(base, vision, speech, adapters, dtype=resolve_dtype(dtype), device=device,
+                                         speech_stack=speech_stack, seed=seed, projectors=projectors)
+    meta = dict(meta or {})
+    meta.setdefault("sources", {"base": str(base), "vision": str(vision) if vision else None,
+                                "speech": str(speech) if speech else None})
+    opts = GenerationOptions.from_kwargs(None, **generation)
+    return Pipeline(model, processor, router=router or default_router(model.adapter_names), generation=opts,
+                    name=str(base), meta=meta, limits=limits)
+
+
+def _load_composition(path: Path, meta: dict, *, dtype="float32", device="cpu", router=None, threads=None,
+                      limits=None, adapters=None, **generation) -> Pipeline:
+    """`phimm.load` of a saved composition (phimm.json with a `composition` entry)."""
+    entry = meta["composition"]
+    folders = {name: path / rel for name, rel in (meta.get("adapters") or {}).items()}
+    if adapters is not None:
+        missing = sorted(set(adapters) - set(folders))
+        if missing:
+            raise UnknownAdapterError(f"adapters {missing} are not in {path}; it has {sorted(folders)}")
+        folders = {n: folders[n] for n in adapters}
+    gen = dict(meta.get("generation") or {})
+    gen.update(generation)
+    return compose(path / entry["base"], path / entry["vision"] if entry.get("vision") else None,
+                   path / entry["speech"] if entry.get("speech") else None, folders, router, dtype=dtype,
+                   device=device, speech_stack=int(entry.get("speech_stack", 4)), threads=threads, limits=limits,
+                   projectors=path / entry["projectors"], meta=meta, **gen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class AudioProjector(str, enum.Enum):
@@ -36,6 +37,8 @@ class RouteInput:
     num_audios: int = 0
     forced: "str | Route | None" = None
     text: str = ""
+    # the frozen base model's pooled prompt embedding, given only to routers that ask for it (`needs_features`)
+    features: Any = None
 
     @property
     def has_image(self) -> bool:

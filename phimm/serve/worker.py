@@ -182,9 +182,11 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
         conn.send(("load_failed", e if isinstance(e, PhimmError) else EngineClosedError(f"{type(e).__name__}: {e}")))
         return
     try:  # the HTTP process prepares requests itself (on the other core) when the preparer pickles
+        if getattr(pipe.router, "needs_features", False):
+            raise TypeError("a router that needs the model's embedding of the prompt routes here")
         preparer = pickle.dumps(pipe.preparer())
-    except Exception:  # noqa: BLE001 - a router that does not pickle: requests are prepared here
-        log.info("the router does not pickle: requests are prepared in the worker process")
+    except Exception:  # noqa: BLE001 - a router that does not pickle, or needs the model: prepared here
+        log.info("requests are prepared in the worker process (the router does not pickle or needs the model)")
         preparer = None
     conn.send(("ready", {"name": pipe.name, "adapters": list(pipe.adapters), "max_context": pipe.engine.max_context,
                          "preparer": preparer}))
