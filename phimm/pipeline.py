@@ -323,11 +323,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         chosen = {n: chosen[n] for n in adapters}
     model = Phi4MMComposition(loaded.hf_model, chosen)
     if quantize is not None:
-        if quantize != "int8":
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        from .quant import quantize_int8
+        from .quant import quantize as apply_quantization
 
-        quantize_int8(model)
+        apply_quantization(model, quantize)
     elif pack_weights or (pack_weights is None and model.dtype == torch.bfloat16 and model.device.type == "cpu"):
         from .quant import pack_weights as pack
 

@@ -129,6 +129,17 @@ class PackedLinear(FormatLinear):
         super().__init__(base, PackedWeight(base.weight, base.bias, lazy=lazy))
 
 
+QUANTIZATIONS = ("int8",)
+
+
+def quantize(model, kind: str) -> dict[str, int]:
+    """Store the base decoder's projections and output head in `kind` (one of `QUANTIZATIONS`); adapters stay
+    in full precision."""
+    if kind == "int8":
+        return quantize_int8(model)
+    raise ValueError(f"quantize must be None or one of {list(QUANTIZATIONS)}, got {kind!r}")
+
+
 def quantize_int8(model) -> dict[str, int]:
     """Quantize `model` (a `Phi4MMComposition`) in place: every decoder projection (LoRA-wrapped or not) and the
     output head. Returns the bytes of the quantized weights before and after."""
