@@ -301,11 +301,12 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     if path is not None:
         meta = read_meta(Path(path))
         if meta and meta.get("composition"):
-            if quantize is not None or device_map is not None:
-                raise CheckpointError("quantize and device_map are not supported for compositions yet")
+            if device_map is not None:
+                raise CheckpointError("device_map is not supported for compositions yet: give device=")
             return _load_composition(Path(path), meta, dtype=dtype, device=device,
                                      router=router or _saved_router(Path(path), meta), threads=threads,
-                                     limits=limits, adapters=adapters, **generation)
+                                     limits=limits, adapters=adapters, quantize=quantize,
+                                     pack_weights=pack_weights, **generation)
     if path is None:
         if not (EMBEDDED_DIR / "config.json").is_file():
             raise checkpoint.CheckpointError(
@@ -322,14 +323,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
             raise UnknownAdapterError(f"adapters {missing} are not in {path}; it has {sorted(chosen)}")
         chosen = {n: chosen[n] for n in adapters}
     model = Phi4MMComposition(loaded.hf_model, chosen)
-    if quantize is not None:
-        from .quant import quantize as apply_quantization
-
-        apply_quantization(model, quantize)
-    elif pack_weights or (pack_weights is None and model.dtype == torch.bfloat16 and model.device.type == "cpu"):
-        from .quant import pack_weights as pack
-
-        pack(model)
+    _weight_format(model, quantize, pack_weights)
     processor = Processor.from_pretrained(path, model.config)
     gen_defaults = dict(loaded.meta.get("generation", {}))
     gen_defaults.update(generation)
@@ -338,6 +332,19 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     if router is None and loaded.meta.get("router"):
         router = _saved_router(path, loaded.meta)
     return Pipeline(model, processor, router=router, generation=opts, name=name, meta=loaded.meta, limits=limits)
+
+
+def _weight_format(model, quantize: str | None, pack_weights: bool | None) -> None:
+    """Quantize the base decoder's weights (`quantize`), or re-lay them out for oneDNN (`pack_weights`, default
+    on for bfloat16 on a CPU)."""
+    if quantize is not None:
+        from .quant import quantize as apply_quantization
+
+        apply_quantization(model, quantize)
+    elif pack_weights or (pack_weights is None and model.dtype == torch.bfloat16 and model.device.type == "cpu"):
+        from .quant import pack_weights as pack
+
+        pack(model)
 
 
 _ROUTE_KEYS = {"text": (False, False), "image": (True, False), "audio": (False, True), "image+audio": (True, True)}
@@ -370,15 +377,17 @@ def _saved_router(path: Path, meta: dict):
 def compose(base: str | Path, vision: str | Path | None = None, speech: str | Path | None = None,
             adapters: dict | None = None, router=None, *, dtype="float32", device="cpu", speech_stack: int = 4,
             seed: int = 0, threads: int | None = None, limits: EngineLimits | None = None,
-            projectors: str | Path | None = None, meta: dict | None = None, **generation) -> Pipeline:
+            projectors: str | Path | None = None, meta: dict | None = None, quantize: str | None = None,
+            pack_weights: bool | None = None, **generation) -> Pipeline:
     """A `Pipeline` over a composition of local Hugging Face parts (`phimm.compose`'s module docstring):
     `base` any causal LM folder, `vision` a SigLIP / CLIP folder, `speech` a Whisper folder, `adapters`
     name -> peft folder. `router`: any phimm router (default: the modality table over the adapters given).
-    `projectors`: a safetensors file of trained projectors (default: new ones, drawn with `seed`). Extra keyword
-    arguments set generation defaults."""
+    `projectors`: a safetensors file of trained projectors (default: new ones, drawn with `seed`). `quantize`,
+    `pack_weights`: as `phimm.load`. Extra keyword arguments set generation defaults."""
     torch.set_num_threads(threads or default_threads())
     model, processor = build_composition(base, vision, speech, adapters, dtype=resolve_dtype(dtype), device=device,
                                          speech_stack=speech_stack, seed=seed, projectors=projectors)
+    _weight_format(model, quantize, pack_weights)
     meta = dict(meta or {})
     meta.setdefault("sources", {"base": str(base), "vision": str(vision) if vision else None,
                                 "speech": str(speech) if speech else None})
@@ -388,7 +397,7 @@ def compose(base: str | Path, vision: str | Path | None = None, speech: str | Pa
 
 
 def _load_composition(path: Path, meta: dict, *, dtype="float32", device="cpu", router=None, threads=None,
-                      limits=None, adapters=None, **generation) -> Pipeline:
+                      limits=None, adapters=None, quantize=None, pack_weights=None, **generation) -> Pipeline:
     """`phimm.load` of a saved composition (phimm.json with a `composition` entry)."""
     entry = meta["composition"]
     folders = {name: path / rel for name, rel in (meta.get("adapters") or {}).items()}
@@ -402,4 +411,5 @@ def _load_composition(path: Path, meta: dict, *, dtype="float32", device="cpu", 
     return compose(path / entry["base"], path / entry["vision"] if entry.get("vision") else None,
                    path / entry["speech"] if entry.get("speech") else None, folders, router, dtype=dtype,
                    device=device, speech_stack=int(entry.get("speech_stack", 4)), threads=threads, limits=limits,
-                   projectors=path / entry["projectors"], meta=meta, **gen)
+                   projectors=path / entry["projectors"], meta=meta, quantize=quantize, pack_weights=pack_weights,
+                   **gen)

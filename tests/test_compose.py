@@ -222,3 +222,25 @@ def test_static_decode_step_on_a_composition(parts, monkeypatch):
         assert (g.logits - w.logits).abs().max().item() < 1e-5
     static.close()
     eager.close()
+
+
+def test_int8_and_bf16_compositions(parts):
+    """int8 (and bf16 with packed weights) compositions run every route; int8's text answers mostly agree with
+    float32's (random tiny parts: near-ties are common, so agreement, not equality)."""
+    full = phimm.compose(base=parts["base"], vision=parts["vision"], speech=parts["speech"],
+                         adapters=parts["adapters"], threads=1)
+    q = phimm.compose(base=parts["base"], vision=parts["vision"], speech=parts["speech"],
+                      adapters=parts["adapters"], threads=1, quantize="int8")
+    assert q.model.weight_format == "int8"
+    bf = phimm.compose(base=parts["base"], vision=parts["vision"], speech=parts["speech"],
+                       adapters=parts["adapters"], threads=1, dtype="bfloat16")
+    reqs = _requests()
+    for p in (q, bf):
+        outs = p(reqs, max_new_tokens=N, min_new_tokens=N, output_logits=True)
+        assert all(o.error is None and len(o.token_ids) == N for o in outs)
+        assert [str(o.route) for o in outs] == ["none", "vision", "speech", "vision+vision_speech"]
+    want = full(reqs[0], max_new_tokens=1, output_logits=True).logits[0]
+    got = q(reqs[0], max_new_tokens=1, output_logits=True).logits[0]
+    assert torch.corrcoef(torch.stack([want, got]))[0, 1] > 0.99  # int8 logits follow float32's
+    for p in (full, q, bf):
+        p.close()
