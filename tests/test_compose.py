@@ -244,3 +244,28 @@ def test_int8_and_bf16_compositions(parts):
     assert torch.corrcoef(torch.stack([want, got]))[0, 1] > 0.99  # int8 logits follow float32's
     for p in (full, q, bf):
         p.close()
+
+
+def test_training_a_composition(parts, tmp_path):
+    """`phimm train --composition`: the vision stage trains the projector and a fresh `vision` LoRA on toy image
+    questions (loss falls), the vision-speech stage its projector; the export loads with `phimm.load` and its
+    image route takes the trained adapter."""
+    from phimm.train.composition import run_composition
+
+    p = phimm.compose(base=parts["base"], vision=parts["vision"], speech=parts["speech"], threads=1)
+    p.save_pretrained(tmp_path / "comp")
+    p.close()
+    report = run_composition(tmp_path / "comp", tmp_path / "trained", ("vision",),
+                             {"steps": 30, "examples": 24, "batch": 4, "lr": 5e-3, "rank": 4})
+    stage = report["stages"][0]
+    assert stage["examples"] == 24 and stage["final_loss"] < stage["first_loss"]
+    trained = phimm.load(tmp_path / "trained", threads=1)
+    assert trained.adapters == ["vision"]
+    before = phimm.load(tmp_path / "comp", threads=1)
+    req = phimm.Request(prompt="<|image|>what color is the circle", images=[make_image(3)])
+    a = trained(req, max_new_tokens=2, output_logits=True)
+    b = before(req, max_new_tokens=2, output_logits=True)
+    assert str(a.route) == "vision" and str(b.route) == "none"
+    assert not torch.allclose(a.logits[0], b.logits[0])  # trained projector and adapter change the answer
+    trained.close()
+    before.close()

@@ -53,10 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the stages one after another (same numbers as in parallel, each stage with the threads "
                         "it has there)")
     p.add_argument("--stage", default=None, help="run only this stage (in this process)")
+    p.add_argument("--composition", default=None,
+                   help="train a saved composition's projectors and adapters instead (phimm.train.composition); "
+                        "--export is then required, --stages picks among vision,speech,vision_speech, --set takes "
+                        "steps, batch, lr, rank, examples")
     p.add_argument("--stages", default=None, help="comma-separated stages to run (default: all)")
 
 
 def cmd_train(args) -> int:
+    if getattr(args, "composition", None):
+        return _train_composition(args)
     run_dir = Path(args.run)
     run_dir.mkdir(parents=True, exist_ok=True)
     export_dir = Path(args.export) if args.export else run_dir / "model"
@@ -84,3 +90,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phimm.train", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return cmd_train(p.parse_args(argv))
+
+
+def _train_composition(args) -> int:
+    from .composition import STAGES as COMPOSITION_STAGES
+    from .composition import run_composition
+
+    if not args.export:
+        raise SystemExit("phimm train --composition DIR needs --export OUT")
+    overrides = {"seed": args.seed}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = float(value) if key == "lr" else int(value)
+    stages = tuple(args.stages.split(",")) if args.stages else COMPOSITION_STAGES
+    report = run_composition(args.composition, args.export, stages, overrides)
+    print(json.dumps(report, indent=2))
+    return 0
