@@ -141,6 +141,11 @@ assert sum(GROUPS.values(), ()) == tuple(f.name for f in fields(Options)), "GROU
 
 PRESETS: dict[str, dict] = {
     "full": {},
+    # the shipped model's sizes and task mix with a quarter of every stage's steps (about a quarter of the time):
+    # for comparing seeds and option changes before a full run (`python -m phimm.train.seeds`)
+    "reduced": dict(lm_steps=2900, lm_first="asr:250", lm_anneal_steps=400, ctc_steps=750, proj_steps=400,
+                    speech_e2e_steps=150, cell_steps=3400, vision_e2e_steps=250, vs_steps=250, eval_asr=90,
+                    eval_vqa=100, eval_svqa=90, eval_text=30),
     # the end-to-end test: a few hundred samples, tiny steps
     "test": dict(lm_hidden=64, lm_layers=2, lm_intermediate=128, vision_hidden=32, vision_layers=1, audio_hidden=48,
                  audio_blocks=1, audio_conv_channels=16, lm_steps=220, lm_first="asr:40", lm_compile=False,
