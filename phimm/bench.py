@@ -1,7 +1,7 @@
 """`phimm bench`: phimm against transformers + peft on the same random weights, in one process, interleaved.
 
 Workloads: 16 mixed requests (4 each of text / image / audio / image + audio), single requests per route, batch-1
-text decode against the measured memory bandwidth, and int8 against bf16. Writes a JSON file and a Markdown
+text decode against the measured memory bandwidth, and int8 and int4 against bf16. Writes a JSON file and a Markdown
 table. Not a test: figures depend on the machine; ratios are what to compare.
 """
 
@@ -443,6 +443,23 @@ def run(args) -> dict:
     agreement, logit_diff, where = int8_agreement(args, q if not _embedded_available() else None, pipe)
     results["int8"] = {"decode_speedup": q_dec / dec, "bytes_ratio": q_bytes / weight_bytes, "agreement": agreement,
                        "max_logit_diff": logit_diff, "agreement_on": where, "decode_tok_s": q_dec}
+    del q
+
+    # ---- int4 ----
+    from .quant import INT4_GROUP_SIZE
+
+    q4 = phimm.load(ckpt, dtype=args.dtype, threads=args.threads, quantize="int4")
+    q4_bytes = decode_weight_bytes(q4.model)
+    q4_dec = max(q4("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
+                 for _ in range(2))
+    agreement, logit_diff, where = int8_agreement(args, q4 if not _embedded_available() else None, pipe, kind="int4")
+    kernel = ("aten._weight_int4pack_mm_for_cpu" if q4.model.hf.lm_head.base_format.use_kernel
+              else "dequantize + matmul (fallback)")
+    results["int4"] = {"decode_speedup": q4_dec / dec, "vs_int8": q4_dec / q_dec,
+                       "bytes_ratio": q4_bytes / weight_bytes, "agreement": agreement, "max_logit_diff": logit_diff,
+                       "agreement_on": where, "decode_tok_s": q4_dec, "group_size": INT4_GROUP_SIZE,
+                       "kernel": kernel}
+    del q4
     results["memory"]["peak_rss_mb"] = peak_rss_mb()
     return results
 
@@ -467,14 +484,15 @@ def _embedded_available() -> bool:
     return (EMBEDDED_DIR / "config.json").is_file()
 
 
-def int8_agreement(args, q_pipe, bf16_pipe, n_prompts: int = 24, steps: int = 8):
-    """Greedy next-token agreement of int8 with bf16, teacher-forced on bf16's own continuation, on the embedded
-    model's held-out prompts when it is shipped (else on the bench model's prompts)."""
+def int8_agreement(args, q_pipe, bf16_pipe, n_prompts: int = 24, steps: int = 8, kind: str = "int8"):
+    """Greedy next-token agreement of a quantized pipeline (`kind`: int8 or int4) with bf16, teacher-forced on
+    bf16's own continuation, on the embedded model's held-out prompts when it is shipped (else on the bench
+    model's prompts)."""
     import phimm
 
     if q_pipe is None:
         bf16_pipe = phimm.load(None, dtype=args.dtype, threads=args.threads)
-        q_pipe = phimm.load(None, dtype=args.dtype, threads=args.threads, quantize="int8")
+        q_pipe = phimm.load(None, dtype=args.dtype, threads=args.threads, quantize=kind)
         reqs = _heldout_requests(n_prompts)
         where = "embedded model, held-out toy-domain requests"
     else:
@@ -550,6 +568,14 @@ def markdown(results: dict, command: str) -> str:
         f"of {results['bandwidth_gbs']:.1f} GB/s ({results['decode_weight_bytes'] / 1e6:.0f} MB/token) | | |",
         f"| int8 batch-1 decode | {q['decode_tok_s']:.1f} tok/s ({q['decode_speedup']:.2f}x bf16), weights "
         f"{q['bytes_ratio']:.2f}x, next-token agreement {100 * q['agreement']:.1f} % ({q['agreement_on']}) | | |",
+    ]
+    q4 = results.get("int4")
+    if q4:
+        lines.append(
+            f"| int4 batch-1 decode (groups of {q4['group_size']}, {q4['kernel']}) | {q4['decode_tok_s']:.1f} tok/s "
+            f"({q4['decode_speedup']:.2f}x bf16, {q4['vs_int8']:.2f}x int8), weights {q4['bytes_ratio']:.2f}x, "
+            f"next-token agreement {100 * q4['agreement']:.1f} % ({q4['agreement_on']}) | | |")
+    lines += [
         f"| memory | weights RSS {results['memory']['phimm_weights_rss_mb']:.0f} MB | "
         f"{results['memory']['reference_weights_rss_mb']:.0f} MB | peak RSS of the run {results['memory']['peak_rss_mb']:.0f} MB |",
     ]

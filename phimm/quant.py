@@ -2,17 +2,20 @@
 
 A format is an object standing in for a layer's weight and bias: `fmt(x) -> x W^T + b`, with `nbytes`. A
 `LoraLinear` calls whichever format it holds (`set_base_format`); a plain `nn.Linear` (the output head) becomes a
-`FormatLinear`. The model records its format in one field, `weight_format` ("dense", "packed" or "int8").
+`FormatLinear`. The model records its format in one field, `weight_format` ("dense", "packed", "int8" or
+"int4").
 
 - `PackedWeight`: bf16 re-laid out for oneDNN's matmul on CPU (read 1.3-1.5x faster at decode batch sizes),
   packed on its first call so that loading reads no weights.
 - `Int8Weight`: int8 with LoRA adapters in full precision, below.
+- `Int4Weight`: group-wise weight-only int4 (groups of `INT4_GROUP_SIZE` input channels), adapters in full
+  precision; see its docstring.
 
 Weights are stored as int8 with one scale per output channel (symmetric, absmax / 127), 0.25x fp32 or 0.5x
 bf16 bytes. On CPU the matmul runs in fbgemm's int8 kernels: each input row is quantized on the fly (one scale
 per row, the `linear_dynamic` path) so the product is an int8 x int8 dot with an fp32 result; the weight-only
 `_weight_int8pack_mm` kernel is the fallback where fbgemm is missing. Only the decoder's projections and the
-output head are quantized: the encoders, projectors, norms and embeddings keep their dtype.
+output head are quantized: the encoders, projectors, norms and embeddings keep their dtype (the same for int4).
 """
 
 from __future__ import annotations
@@ -62,6 +65,114 @@ class Int8Weight:
             if self.bias is not None:
                 y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+INT4_GROUP_SIZE = 128  # input channels sharing one int4 scale and zero (torchao's and GPTQ's usual choice)
+_INT4_KERNEL_GROUPS = (128, 64, 32)  # the group sizes aten's CPU int4 kernel takes (and 256)
+_INT4_CHUNK_ROWS = 4096  # output rows quantized at a time (a multiple of the kernel's 64-row blocks)
+
+
+def int4_group_size(in_features: int) -> int:
+    """The group size a layer gets: `INT4_GROUP_SIZE`, or the largest of 64 / 32 dividing `in_features` when 128
+    does not (smaller layers); 32 (with zero-padded input channels) when none does."""
+    for g in _INT4_KERNEL_GROUPS:
+        if g <= INT4_GROUP_SIZE and in_features % g == 0:
+            return g
+    return _INT4_KERNEL_GROUPS[-1]
+
+
+def quantize_weight_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4 of `w` [N, K] (K a multiple of `group`), min/max per group, round to nearest.
+    Returns (int32 values 0..15 [N, K], fp32 scales and zeros [K / group, N, 2]) in the convention of aten's int4
+    kernels: w ~= (q - 8) * scale + zero."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group, group)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.clamp(torch.round((g - lo) / scale), 0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8.0 * scale
+    return q, torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def _int4_kernel_ok(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class Int4Weight:
+    """A frozen weight in group-wise weight-only int4 and the kernel that multiplies by it.
+
+    Values: 4 bits, asymmetric (min/max) per group of `int4_group_size(in_features)` input channels
+    (`INT4_GROUP_SIZE` = 128 wherever it divides), one bf16 scale and one bf16 zero per group and output channel:
+    128 weights take 64 + 4 bytes, 0.27x bf16. `nbytes` counts the packed values and the scales/zeros.
+
+    Kernel: on CPU, torch's own `torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16 [M, K], packed, group,
+    scales_and_zeros_bf16 [K / group, N, 2])` on a weight packed once by
+    `torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K], 2)` (uint8 [N, K / 2]; the CPU packing
+    ignores inner_k_tiles). The kernel runs in bfloat16 (it takes float32 too, far slower), so float32 / float16
+    inputs are cast to bfloat16 and the result back. At decode batch sizes it is bound by its own unpacking, not
+    by reading memory: it reads half int8's bytes but is about as fast as int8's fbgemm kernel on one thread, not
+    faster (and faster than bf16). Output channels are zero-padded to a multiple of 16 (the kernel's
+    requirement) and input channels to a multiple of the group when needed. Where that kernel is unavailable
+    (another device, a torch without it; `use_kernel=False` forces it) the fallback keeps the values two to a
+    byte and dequantizes the whole weight on every call before a plain matmul: correct, and slower than the
+    un-quantized weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.group = int4_group_size(self.in_features)
+        self.bias = None if bias is None else bias.detach()
+        self.use_kernel = _int4_kernel_ok(weight.device) if use_kernel is None else use_kernel
+        n, k = self.out_features, self.in_features
+        self.pad_k = -k % self.group
+        self.pad_n = -n % 16 if self.use_kernel else 0
+        w = weight.detach()
+        if self.pad_k or self.pad_n:
+            w = nn.functional.pad(w, (0, self.pad_k, 0, self.pad_n))
+        packed, scales = [], []
+        for start in range(0, w.shape[0], _INT4_CHUNK_ROWS):  # bounded fp32 / int32 temporaries (the output head)
+            q, sz = quantize_weight_int4(w[start:start + _INT4_CHUNK_ROWS], self.group)
+            if self.use_kernel:
+                packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2))
+            else:
+                packed.append((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
+            scales.append(sz)
+        self.packed = torch.cat(packed)  # row chunks of 4096 (a multiple of 64) concatenate to the whole packing
+        self.scales_and_zeros = torch.cat(scales, dim=1).to(torch.bfloat16)
+        self.nbytes = (self.packed.numel() * self.packed.element_size()
+                       + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] these int4 values stand for (fallback path and checks)."""
+        if self.use_kernel:
+            eye = torch.eye(self.in_features + self.pad_k, dtype=torch.bfloat16, device=self.packed.device)
+            w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_and_zeros).t()
+        else:
+            p = self.packed
+            q = torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1).float()
+            sz = self.scales_and_zeros.float().transpose(0, 1)  # [N, K / group, 2]
+            q = q.reshape(q.shape[0], -1, self.group)
+            w = ((q - 8.0) * sz[..., :1] + sz[..., 1:]).reshape(q.shape[0], -1)
+        return w[:self.out_features, :self.in_features].to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.use_kernel:
+            act = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
+            if self.pad_k:
+                act = nn.functional.pad(act, (0, self.pad_k))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(act.contiguous(), self.packed, self.group,
+                                                           self.scales_and_zeros)
+            if self.pad_n:
+                y = y[:, :self.out_features]
+            y = y.to(x.dtype)
+        else:
+            y = x2 @ self.dequantize(x2.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 class PackedWeight:
@@ -121,6 +232,13 @@ class Int8Linear(FormatLinear):
         super().__init__(base, Int8Weight(base.weight, base.bias))
 
 
+class Int4Linear(FormatLinear):
+    """An `nn.Linear` in group-wise int4: `FormatLinear(base, Int4Weight(...))`."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base, Int4Weight(base.weight, base.bias))
+
+
 class PackedLinear(FormatLinear):
     """A bf16 `nn.Linear` packed for oneDNN (kept by name: `FormatLinear(base, PackedWeight(...))`). The tied
     output head's packed copy leaves the embedding its own weight for look-ups."""
@@ -129,7 +247,7 @@ class PackedLinear(FormatLinear):
         super().__init__(base, PackedWeight(base.weight, base.bias, lazy=lazy))
 
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 def quantize(model, kind: str) -> dict[str, int]:
@@ -137,33 +255,45 @@ def quantize(model, kind: str) -> dict[str, int]:
     in full precision."""
     if kind == "int8":
         return quantize_int8(model)
+    if kind == "int4":
+        return quantize_int4(model)
     raise ValueError(f"quantize must be None or one of {list(QUANTIZATIONS)}, got {kind!r}")
 
 
 def quantize_int8(model) -> dict[str, int]:
     """Quantize `model` (a `Phi4MMComposition`) in place: every decoder projection (LoRA-wrapped or not) and the
     output head. Returns the bytes of the quantized weights before and after."""
+    return _quantize_base(model, Int8Weight, Int8Linear, "int8")
+
+
+def quantize_int4(model) -> dict[str, int]:
+    """`quantize_int8`'s pass with `Int4Weight` (group-wise weight-only int4): the same layers, adapters untouched.
+    Returns the bytes of the quantized weights before and after."""
+    return _quantize_base(model, Int4Weight, Int4Linear, "int4")
+
+
+def _quantize_base(model, weight_format, linear_format, name: str) -> dict[str, int]:
     hf = model.hf
     before = after = 0
     layers = hf.model.layers
     for path, mod in list(layers.named_modules()):
         if isinstance(mod, LoraLinear) and mod.weight is not None and mod.weight.is_floating_point():
             before += mod.weight.numel() * mod.weight.element_size()
-            mod.set_base_format(Int8Weight(mod.weight, mod.bias))
+            mod.set_base_format(weight_format(mod.weight, mod.bias))
             after += mod.base_nbytes
         elif type(mod) is nn.Linear:
             parent_path, _, attr = path.rpartition(".")
             parent = layers.get_submodule(parent_path) if parent_path else layers
             before += mod.weight.numel() * mod.weight.element_size()
-            new = Int8Linear(mod)
+            new = linear_format(mod)
             setattr(parent, attr, new)
             after += new.base_nbytes
     head = hf.lm_head
     if isinstance(head, nn.Linear):
         before += head.weight.numel() * head.weight.element_size()
-        hf.lm_head = Int8Linear(head)  # the embedding keeps its own (tied) weight for the look-up
+        hf.lm_head = linear_format(head)  # the embedding keeps its own (tied) weight for the look-up
         after += hf.lm_head.base_nbytes
-    model.weight_format = "int8"
+    model.weight_format = name
     return {"bytes_before": before, "bytes_after": after}
 
 

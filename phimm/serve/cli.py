@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget-tokens", type=int, default=65536,
                    help="KV-cache positions the running batch may hold (default: 65536)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights for the base decoder")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="int8 or group-wise int4 weights for the base decoder")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per two cores)")
     p.add_argument("--allowed-media-dir", default=None,
