@@ -132,7 +132,8 @@ class EngineProcess:
                 msg = self._conn.recv()
                 kind = msg[0]
                 if kind == "deltas":
-                    self._stats = msg[2]
+                    if msg[2] is not None:
+                        self._stats = msg[2]
                     for rid, delta in msg[1]:
                         with self._lock:
                             stream = self._streams.get(rid)
@@ -216,12 +217,14 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
                 items = outbox[:]
                 outbox.clear()
             now = time.perf_counter()
-            if items or now - last_stats >= 1.0:
-                try:
-                    send(("deltas", items, pipe.stats()))
+            due = now - last_stats >= (STATS_EVERY_S if items else 1.0)
+            if items or due:
+                try:  # the engine's counts ride along at most every STATS_EVERY_S (None: unchanged)
+                    send(("deltas", items, pipe.stats() if due else None))
                 except (OSError, ValueError):
                     return
-                last_stats = now
+                if due:
+                    last_stats = now
             if items:
                 time.sleep(0)  # let the engine thread run before the next batch is gathered
 
