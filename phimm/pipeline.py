@@ -291,8 +291,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     """Load a checkpoint (transformers-native or original Phi-4-multimodal layout, or phimm's own) into a
     `Pipeline`. `path=None` loads the embedded default model. `router`: a callable or class mapping a
     `RouteInput` to a `Route` (default: the modality table). `adapters`: names to attach (default: all the
-    checkpoint has; `[]` for the base model alone). `quantize="int8"` stores the base decoder's projections and
-    output head in int8 (adapters stay in full precision). `pack_weights` (default: on for bfloat16 on CPU)
+    checkpoint has; `[]` for the base model alone). `quantize="int8"` (or `"int4"`, group-wise) stores the base
+    decoder's projections and output head in int8 (int4; adapters stay in full precision). `pack_weights` (default: on for bfloat16 on CPU)
     re-lays the decoder's weights out for oneDNN's matmul, which reads them faster when decoding, each layer on
     its first forward (loading reads no weights); a packed pipeline cannot be saved. `limits`: the serving
     engine's `EngineLimits` (running rows, queue, KV-cache budget). Extra keyword arguments set generation

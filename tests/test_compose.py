@@ -269,3 +269,20 @@ def test_training_a_composition(parts, tmp_path):
     assert not torch.allclose(a.logits[0], b.logits[0])  # trained projector and adapter change the answer
     trained.close()
     before.close()
+
+
+def test_saved_composition_in_the_serve_worker(pipe, tmp_path):
+    """`phimm serve --model my-composition`: the worker process loads it, the HTTP side prepares requests with
+    the composition's own processor (sent over as a `Preparer`), and the answers equal the in-process ones."""
+    from phimm.serve.worker import EngineProcess
+
+    pipe.save_pretrained(tmp_path / "saved")
+    proc = EngineProcess({"path": str(tmp_path / "saved"), "threads": 1})
+    try:
+        assert proc._preparer is not None  # prepared on this side
+        for req in _requests():
+            want = pipe(req, max_new_tokens=N, min_new_tokens=N)
+            got = proc.open(req, max_new_tokens=N, min_new_tokens=N).result(timeout=120)
+            assert str(got.route) == str(want.route) and got.token_ids == want.token_ids
+    finally:
+        proc.close()

@@ -101,7 +101,7 @@ ARGS: dict[str, tuple[Any, Any]] = {
     # the model, as `phimm.load` takes it
     "model": (_opt_str, None),  # checkpoint folder (default: the embedded model); on a cluster, shared storage
     "dtype": (_choice("float32", "bfloat16"), "float32"),
-    "quantize": (_choice(None, "int8"), None),
+    "quantize": (_choice(None, "int8", "int4"), None),
     "device": (_opt_str, None),  # default: "cuda" when num_gpus > 0, else "cpu"
     "threads_per_replica": (_int, 1),  # torch threads of each replica
     # replicas
