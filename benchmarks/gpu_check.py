@@ -27,7 +27,6 @@ Writes `gpu_check.json` to `--out` after every phase (a run cut short keeps what
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -45,8 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from phimm.bench import ADAPTER, Reference as BenchReference  # noqa: E402
+
 ROUTES = ("text", "image", "audio", "image+audio")
-ADAPTER = {"text": None, "image": "vision", "audio": "speech", "image+audio": "vision"}
 IMG, AUD = "<|endoftext10|>", "<|endoftext11|>"
 PROMPTS = {
     "text": "<|user|>what color is the circle number {i}<|end|><|assistant|>",
@@ -105,7 +105,6 @@ def measure_bandwidth(device: torch.device, mb: int, repeats: int = 10) -> dict:
             best = min(best, clock(device) - t)
         res[f"{name}_gbs"] = nbytes / best / 1e9
     res["best_gbs"] = max(res["copy_gbs"], res["sum_gbs"])
-    del x, y
     return res
 
 
@@ -135,41 +134,20 @@ def to_request(r):
     return phimm.Request(prompt=r[1], images=r[2], audios=r[3])
 
 
-class Reference:
-    """transformers' `Phi4MultimodalForCausalLM` + peft, the adapter switched by hand per call, as its users do."""
+class Reference(BenchReference):
+    """transformers' `Phi4MultimodalForCausalLM` + peft, the adapter switched by hand per call, as its users do
+    (`phimm.bench.Reference` on a device, with the first-step logits and greedy tokens the parity check reads)."""
 
     def __init__(self, model, processor, device):
-        self.model, self.processor, self.device = model, processor, device
-        self.processor.tokenizer.padding_side = "left"
-
-    def _ctx(self, adapter):
-        if adapter is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(adapter)
-        return contextlib.nullcontext()
-
-    def inputs(self, batch):
-        kwargs = {}
-        images = [i for r in batch for i in r[2]]
-        audios = [a for r in batch for a, _ in r[3]]
-        if images:
-            kwargs["images"] = images
-        if audios:
-            kwargs["audio"] = audios
-            kwargs["sampling_rate"] = 16000
-        return self.processor(text=[r[1] for r in batch], return_tensors="pt", padding=True, **kwargs).to(self.device)
+        super().__init__(None, model=model, processor=processor, device=device)
 
     @torch.inference_mode()
     def first_logits(self, r) -> torch.Tensor:
         with self._ctx(ADAPTER[r[0]]):
             return self.model(**self.inputs([r])).logits[0, -1].float().cpu()
 
-    @torch.inference_mode()
     def generate(self, batch, new: int) -> torch.Tensor:
-        inputs = self.inputs(batch)
-        with self._ctx(ADAPTER[batch[0][0]]):
-            out = self.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        return out[:, inputs["input_ids"].shape[1]:].cpu()
+        return self.run(batch, new).cpu()
 
 
 # ---- phases ------------------------------------------------------------------------------------------------------

@@ -295,12 +295,15 @@ def reference_model(ckpt: Path, dtype: torch.dtype):
 class Reference:
     """transformers' Phi4MultimodalForCausalLM + peft adapters, switched by hand (`set_adapter`)."""
 
-    def __init__(self, ckpt: Path, dtype: torch.dtype):
+    def __init__(self, ckpt: Path | None, dtype: torch.dtype = torch.float32, *, model=None, processor=None,
+                 device: str | torch.device = "cpu"):
+        """From a checkpoint folder, or (`ckpt=None`) around a peft model and processor already built."""
         from transformers import Phi4MultimodalProcessor
 
-        self.model = reference_model(ckpt, dtype)
-        self.processor = Phi4MultimodalProcessor.from_pretrained(str(ckpt))
+        self.model = model if model is not None else reference_model(ckpt, dtype)
+        self.processor = processor if processor is not None else Phi4MultimodalProcessor.from_pretrained(str(ckpt))
         self.processor.tokenizer.padding_side = "left"
+        self.device = device
 
     def _ctx(self, adapter):
         if adapter is None:
@@ -308,9 +311,8 @@ class Reference:
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
-    def run(self, batch, new_tokens: int):
-        """One generate call for requests of one route (as its users batch them)."""
-        kind = batch[0][0]
+    def inputs(self, batch):
+        """The processor's inputs for requests `(kind, prompt, images, audios)`, left-padded, on the device."""
         kwargs = {}
         images = [i for r in batch for i in r[2]]
         audios = [a for r in batch for a, _ in r[3]]
@@ -319,8 +321,13 @@ class Reference:
         if audios:
             kwargs["audio"] = audios
             kwargs["sampling_rate"] = 16000
-        inputs = self.processor(text=[r[1] for r in batch], return_tensors="pt", padding=True, **kwargs)
-        with torch.inference_mode(), self._ctx(ADAPTER[kind]):
+        out = self.processor(text=[r[1] for r in batch], return_tensors="pt", padding=True, **kwargs)
+        return out.to(self.device) if torch.device(self.device).type != "cpu" else out
+
+    def run(self, batch, new_tokens: int):
+        """One generate call for requests of one route (as its users batch them)."""
+        inputs = self.inputs(batch)
+        with torch.inference_mode(), self._ctx(ADAPTER[batch[0][0]]):
             out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return out[:, inputs["input_ids"].shape[1]:]
 

@@ -189,16 +189,22 @@ class MixtureModel(nn.Module):
         only where an adapter targets the encoder)."""
         keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size, rows.uniform)
                 for img in images]
-        cached = [self.feature_cache.get(k) for k in keys]
-        todo = [img for img, c in zip(images, cached) if c is None]
-        with rows.active():
-            fresh = iter(self._image_features(todo) if todo else [])
+        return self._cached(keys, images, self._image_features, rows)
+
+    def _cached(self, keys: Sequence[bytes], items: Sequence, encode, rows: RowAdapters) -> list[torch.Tensor]:
+        """Each item's features: from the feature cache, or `encode(missing items)` in one call on `rows`."""
+        hits = [self.feature_cache.get(k) for k in keys]
+        todo = [x for x, h in zip(items, hits) if h is None]
+        fresh = iter([])
+        if todo:
+            with rows.active():
+                fresh = iter(encode(todo))
         out = []
-        for k, c in zip(keys, cached):
-            if c is None:
-                c = next(fresh)
-                self.feature_cache.put(k, c)
-            out.append(c)
+        for k, h in zip(keys, hits):
+            if h is None:
+                h = next(fresh)
+                self.feature_cache.put(k, h)
+            out.append(h)
         return out
 
     def audio_features(self, audio: AudioInput, projector: AudioProjector,
@@ -210,19 +216,7 @@ class MixtureModel(nn.Module):
                              rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
         """`audio_features` of several clips of equal length in one encoder call (each also cached)."""
         keys = [self.feature_cache.key(a.features, projector.value, rows.uniform) for a in audios]
-        hits = [self.feature_cache.get(k) for k in keys]
-        todo = [a for a, h in zip(audios, hits) if h is None]
-        fresh = iter([])
-        if todo:
-            with rows.active():
-                fresh = iter(self._audio_features(todo, projector))
-        out = []
-        for k, h in zip(keys, hits):
-            if h is None:
-                h = next(fresh)
-                self.feature_cache.put(k, h)
-            out.append(h)
-        return out
+        return self._cached(keys, audios, lambda todo: self._audio_features(todo, projector), rows)
 
     def _image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
         """Each image's `[num_tokens, hidden]` features (the encoder and projector, no cache)."""

@@ -11,21 +11,9 @@ import pytest
 import torch
 
 import phimm
-from conftest import make_audio, make_image
 from phimm import graphs
 from phimm.engine import EngineLimits
-
-
-def _requests():
-    img, img2, aud, aud2 = make_image(0), make_image(1, size=(500, 260)), make_audio(0), make_audio(1, seconds=1.7)
-    return [
-        phimm.Request(prompt="hello world what color"),
-        phimm.Request(prompt="<|image|>what color is the circle", images=[img]),
-        phimm.Request(prompt="<|audio|>transcribe the audio clip", audios=[aud]),
-        phimm.Request(prompt="<|image|><|audio|>answer the spoken question", images=[img2], audios=[aud2]),
-        phimm.Request(prompt="the red square and the blue star are here"),
-        phimm.Request(prompt="<|image|>how many shapes", images=[img2]),
-    ]
+from test_engine import _requests  # the same mixed requests (every route, two sizes of image and clip)
 
 
 def _load(ckpt, monkeypatch, mode: str | None, **kw):
