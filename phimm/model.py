@@ -33,6 +33,7 @@ PHI4MM_LORA_TARGETS = r"model\.layers\.\d+\.((self_attn\.(qkv|o)_proj)|(mlp\.(ga
 # What an adapter may target: any linear layer. In the decoder each batch row gets its own adapter; the encoders
 # run per prefill group, all of whose rows share one adapter, so a LoRA inside an encoder applies as peft would.
 ANY_LINEAR = r".+"
+CROPS_PER_CALL = 64  # image crops through the vision encoder in one call, at most
 
 
 def _vision_tower(hf_model):
@@ -347,7 +348,10 @@ class Phi4MMComposition(MixtureModel):
         dtype = emb.img_processor.embeddings.patch_embedding.weight.dtype
         crops = torch.cat([img.pixel_values for img in images]).to(self.device, dtype)
         masks = torch.cat([img.attention_mask for img in images]).to(self.device, torch.bool)
-        feats = emb.get_img_features(crops, attention_mask=masks)  # [crops, f*f, C]
+        # [crops, f*f, C], at most CROPS_PER_CALL crops per SigLIP call: a prefill bucket's images together must
+        # not hold every crop's attention at once
+        feats = torch.cat([emb.get_img_features(crops[i:i + CROPS_PER_CALL], attention_mask=masks[i:i + CROPS_PER_CALL])
+                           for i in range(0, crops.shape[0], CROPS_PER_CALL)])
         f = int(round(feats.shape[1] ** 0.5))
         C = feats.shape[-1]
         crop = emb.crop_size

@@ -266,3 +266,20 @@ def test_incremental_text_equals_full_decode(tiny_pipe):
         got = engine._text(row, full=False)
         assert full.startswith(got) and "\ufffd" not in got
     assert engine._text(row, full=False) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_image_crops_in_chunks_equal_one_call(tiny_pipe, monkeypatch):
+    """SigLIP takes at most CROPS_PER_CALL crops per call; the features do not depend on the chunking."""
+    import phimm.model as pm
+
+    images = [tiny_pipe.processor.process_image(make_image(i, size=(500, 260))) for i in range(3)]
+    tiny_pipe.model.feature_cache.capacity = 0
+    try:
+        whole = tiny_pipe.model.image_features(images)
+        monkeypatch.setattr(pm, "CROPS_PER_CALL", 2)
+        chunked = tiny_pipe.model.image_features(images)
+    finally:
+        tiny_pipe.model.feature_cache.capacity = 32
+    assert sum(img.pixel_values.shape[0] for img in images) > 2
+    for a, b in zip(whole, chunked):
+        assert (a - b).abs().max().item() < 1e-5
