@@ -7,7 +7,9 @@ projectors, and any number of peft LoRA adapters, routed per row as Phi-4-multim
     phimm.load("my-model")               # the same pipeline back
 
 - **Base**: any `AutoModelForCausalLM` checkpoint whose decoder is transformers' usual stack (`model.layers`,
-  `model.norm`, `model.rotary_emb`: Llama, Qwen2, Phi-3, Gemma and their kind). Its weights never change.
+  `model.norm`, `model.embed_tokens`: Llama, Qwen2, Phi-3, Mistral and their kind; tested with Qwen2 and Phi-3).
+  Its weights never change. CUDA graphs cover the decoders in `phimm.graphs.SUPPORTED_DECODERS`; others decode
+  eagerly.
 - **Vision**: a SigLIP or CLIP vision tower. SigLIP's last hidden states, or CLIP's penultimate ones without the
   class token (as LLaVA reads them), go through a 2-layer MLP projector (LLaVA's) into the LM's width: one LM
   token per patch.

@@ -269,7 +269,7 @@ class Engine:
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
         self._graphs = None  # CUDA graphs of the decode step (`phimm.graphs`), on a GPU
-        if graphs.enabled(model.device):
+        if graphs.enabled(model.device) and graphs.supports(model):
             self._graphs = graphs.GraphDecoder(model, self.limits.max_running)
         self._cache = self._new_cache()
         self._row_adapters = None  # RowAdapters of the running rows, remade when they change

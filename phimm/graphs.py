@@ -49,6 +49,16 @@ def enabled(device: torch.device) -> bool:
     return flag == "static" or (device.type == "cuda" and flag != "0")
 
 
+# decoders whose forward is the plain stack the static step replays (embeddings as looked up, every layer with
+# full attention, the final norm); others (Gemma's scaled embeddings, sliding windows) decode eagerly
+SUPPORTED_DECODERS = ("phi4_multimodal", "llama", "qwen2", "phi3", "mistral")
+
+
+def supports(model) -> bool:
+    cfg = model.config
+    return getattr(cfg, "model_type", None) in SUPPORTED_DECODERS and not getattr(cfg, "sliding_window", None)
+
+
 def row_bucket(n: int, cap: int) -> int:
     """The padded row count of a batch of `n` rows: the next power of two, at most `cap` (and at least `n`)."""
     b = 1

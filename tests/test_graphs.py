@@ -108,3 +108,12 @@ def test_captured_graphs_equal_eager_on_cuda(tiny_ckpt, monkeypatch):
     assert stats["graph_captures"] >= 1 and stats["graph_replays"] >= 7 and "graph_capture_error" not in stats
     graphed.close()
     eager.close()
+
+
+def test_graphs_only_for_plain_decoders(tiny_pipe):
+    from types import SimpleNamespace
+
+    assert graphs.supports(tiny_pipe.model)
+    for cfg in (SimpleNamespace(model_type="gemma", sliding_window=None),
+                SimpleNamespace(model_type="mistral", sliding_window=4096)):
+        assert not graphs.supports(SimpleNamespace(config=cfg))
