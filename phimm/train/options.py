@@ -78,6 +78,8 @@ class Options:
     asr_samples: int = 6000  # training clips (the speech stage fits on the first 2500 of them)
     ctc_steps: int = 3000
     ctc_batch: int = 24
+    # > 0: the first this many CTC steps take the shortest clips in length order (SortaGrad), the rest as usual
+    ctc_sortagrad_steps: int = 0
 
     # ---- stage speech (proj_steps // 3 and e2e_batch: the vision stage too; e2e_batch: vision_speech too)
     proj_steps: int = 1500
@@ -129,7 +131,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
            "lm_near_no", "lm_mix_floor", "lm_first", "lm_mixed_batches", "lm_chunks"),
     "lm_anneal": ("lm_anneal_steps", "lm_anneal_lr", "lm_anneal_task_weights", "lm_anneal_word_frames",
                   "lm_anneal_spoken"),
-    "speech_encoder": ("asr_samples", "ctc_steps", "ctc_batch"),
+    "speech_encoder": ("asr_samples", "ctc_steps", "ctc_batch", "ctc_sortagrad_steps"),
     "speech": ("proj_steps", "speech_e2e_steps", "e2e_batch"),
     "vision_encoder": ("cell_steps", "cell_batch", "cell_lr", "cell_reuse", "cell_faint"),
     "vision": ("vqa_samples", "vision_e2e_steps"),

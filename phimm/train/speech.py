@@ -122,6 +122,10 @@ def run_encoder(run_dir, opts: Options) -> None:
     timer = Timer(before + (time.time() - stage.t0))
     lengths = [c[0].shape[0] for c in clips]
     plan: list[list[int]] = []
+    if opts.ctc_sortagrad_steps > 0:  # SortaGrad (Deep Speech 2): the shortest clips first, in length order
+        order = sorted(range(len(clips)), key=lambda i: lengths[i])
+        k = opts.ctc_batch
+        plan += [order[i:i + k] for i in range(0, len(order), k)][:opts.ctc_sortagrad_steps]
     epoch = 0
     while len(plan) < opts.ctc_steps:
         plan += buckets(lengths, opts.ctc_batch, random.Random(f"ctc:{opts.seed}:{epoch}"))
