@@ -270,7 +270,8 @@ def load_speech(path: str | Path, dtype: torch.dtype):
         raise CheckpointError(f"{path}: cannot read a speech encoder's config: {e}") from e
     if model_type != "whisper":
         raise CompositionError(f"{path}: not a Whisper checkpoint (model_type {model_type!r})")
-    if _stored_keys(Path(path)) and not any(k.split(".")[0] in ("encoder", "model") for k in _stored_keys(Path(path))):
+    keys = _stored_keys(Path(path))
+    if keys and not any(k.split(".")[0] in ("encoder", "model") for k in keys):
         encoder = WhisperEncoder.from_pretrained(str(path), dtype=dtype)  # an encoder saved alone (save_parts)
     else:
         encoder = WhisperModel.from_pretrained(str(path), dtype=dtype).encoder

@@ -270,7 +270,7 @@ class Engine:
         self._running: list[_Row] = []
         self._graphs = None  # CUDA graphs of the decode step (`phimm.graphs`), on a GPU
         if graphs.enabled(model.device) and graphs.supports(model):
-            self._graphs = graphs.GraphDecoder(model, self.limits.max_running)
+            self._graphs = graphs.GraphDecoder(model)
         self._cache = self._new_cache()
         self._row_adapters = None  # RowAdapters of the running rows, remade when they change
         self.kv_bytes_peak = 0  # the running batch's cache, at its largest
@@ -504,10 +504,8 @@ class Engine:
                 ids = torch.tensor([r.prepared.input_ids], dtype=torch.long, device=model.device)
                 media = [(r.prepared.images, r.prepared.audios, r.route.audio_projector)]
                 rows_arg = model.row_adapters([r.route.adapter])
-                if prefetched:
-                    out.append((r, model.embed_inputs(ids, media, rows_arg, prefetched=prefetched)[0]))
-                else:
-                    out.append((r, model.embed_inputs(ids, media, rows_arg)[0]))
+                extra = {"prefetched": prefetched} if prefetched else {}  # (a model without prefetch_media)
+                out.append((r, model.embed_inputs(ids, media, rows_arg, **extra)[0]))
             except Exception as e:  # noqa: BLE001 - this row fails, the others go on
                 self._fail([r], e)
         return out

@@ -189,18 +189,14 @@ class _GraphCache:
         v.index_copy_(2, self.column, value_states)
         return k, v
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # not used with a 4-D mask and explicit positions
-        return self.keys[layer_idx].shape[2]
-
 
 class GraphDecoder:
     """Runs the engine's decode steps as CUDA graph replays (see the module's docstring)."""
 
-    def __init__(self, model, max_rows: int, capture: bool | None = None):
+    def __init__(self, model, capture: bool | None = None):
         self.model = model
         self.cache_kwarg = model.cache_kwarg
         self.device = model.device
-        self.max_rows = max_rows
         # capture=False runs the static step eagerly (any device): the graphs' inputs and masks, testable on a CPU
         self.capture = (self.device.type == "cuda") if capture is None else capture
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None

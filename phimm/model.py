@@ -278,9 +278,11 @@ class MixtureModel(nn.Module):
                 else:
                     if projector is None:
                         raise RouteError("a row with audio needs an audio projector in its route")
-                    feats = torch.cat([pre.get(("audio", id(a), projector, rows.uniform))
-                                       if ("audio", id(a), projector, rows.uniform) in pre
-                                       else self.audio_features(a, projector, rows) for a in items])
+                    parts = []
+                    for a in items:
+                        f = pre.get(("audio", id(a), projector, rows.uniform))
+                        parts.append(f if f is not None else self.audio_features(a, projector, rows))
+                    feats = torch.cat(parts)
                 where = input_ids[j] == token_id
                 n = int(where.sum())
                 if n != feats.shape[0]:
