@@ -30,8 +30,16 @@ SIZES = {
     # LoRA r=256) with 2 decoder layers: long-context decode attention at full width (`--decode-attention`)
     "full-width": dict(hidden=3072, layers=2, heads=24, kv_heads=8, intermediate=8192, vision_hidden=1152,
                        vision_layers=27, audio_hidden=1024, audio_blocks=24, lora=256, vocab=200064,
-                       image=(640, 480), audio_s=4.0, new=16, ckpt_dtype=torch.bfloat16),
+                       image=(640, 480), audio_s=4.0, new=16, ckpt_dtype=torch.bfloat16,
+                       mixed=False, decode_attention=False, route_repeats=1),
+    # the published model's size (32 decoder layers): about 11 GB of bf16 weights, for machines with the memory
+    "full": dict(hidden=3072, layers=32, heads=24, kv_heads=8, intermediate=8192, vision_hidden=1152,
+                 vision_layers=27, audio_hidden=1024, audio_blocks=24, lora=256, vocab=200064,
+                 image=(640, 480), audio_s=4.0, new=8, ckpt_dtype=torch.bfloat16,
+                 mixed=False, decode_attention=False, route_repeats=1),
 }
+# (mixed=False: the 16 mixed requests and the fp32 row check are measured at 209m; at the published widths each
+# image alone takes SigLIP's 27 layers about a minute on one core)
 
 
 def rss_mb() -> float:
@@ -46,17 +54,67 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def measure_bandwidths(mb: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Memory bandwidth (GB/s) of this process's threads, three ways over buffers far larger than the caches, best
+    of `repeats` each: `sum` (torch.sum of fp32: the buffer read once), `dot` (a STREAM-style read through BLAS:
+    x . x reads the buffer once), `copy` (STREAM's copy: read one buffer, write another, counted as both). `best`
+    is the highest: the limit that decode figures are compared with."""
+    n = mb * 1024 * 1024 // 4
+    x = torch.ones(n, dtype=torch.float32)
+    y = torch.empty_like(x)
+    kernels = {"sum": (lambda: x.sum(), 4 * n), "dot": (lambda: torch.dot(x, x), 4 * n),
+               "copy": (lambda: y.copy_(x), 8 * n)}
+    out = {}
+    for name, (fn, nbytes) in kernels.items():
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        out[name] = nbytes / best / 1e9
+    out["best"] = max(out.values())
+    return out
+
+
 def measure_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
-    """Read bandwidth (GB/s) of this process's threads: best of `repeats` sums over a buffer far larger than
-    the caches."""
-    x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    """The best of `measure_bandwidths` (GB/s)."""
+    return measure_bandwidths(mb, repeats)["best"]
+
+
+def checkpoint_bytes(ckpt: Path, dtype: torch.dtype) -> int:
+    """Bytes of a checkpoint's floating-point tensors (model files and adapter folders) stored in `dtype`, from the
+    files' headers: what loading it in that dtype must hold at least."""
+    import math
+
+    from safetensors import safe_open
+
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for f in sorted(Path(ckpt).glob("*.safetensors")) + sorted(Path(ckpt).glob("*-lora/*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                n = math.prod(sl.get_shape())
+                floating = sl.get_dtype() in ("F16", "BF16", "F32", "F64")
+                total += n * size if floating else n * torch.empty((), dtype=getattr(torch, _ST_DTYPES.get(
+                    sl.get_dtype(), "uint8"))).element_size()
+    return total
+
+
+_ST_DTYPES = {"I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the system (glibc), so that RSS shows what is held, not what was used."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def make_checkpoint(size: str, root: Path) -> Path:
@@ -250,6 +308,107 @@ def run_decode_attention(args) -> dict:
     return results
 
 
+def mixed_and_rows(args, pipe, ref, ckpt, reqs, new: int, results: dict) -> None:
+    """The 16 mixed requests: phimm's one call against the reference one at a time and per modality, interleaved
+    `args.repeats` times (`speedup`: best against best; `speedup_median`: the median of each repeat's ratio); then
+    every row of phimm's batch against the same request alone, in fp32."""
+    import phimm
+
+    times = {"phimm": [], "one_at_a_time": [], "per_modality": []}
+    for rep in range(args.repeats):
+        t, outs = timed(lambda: pipe([to_request(r) for r in reqs], max_new_tokens=new, min_new_tokens=new))
+        times["phimm"].append(t)
+        t, _ = timed(lambda: [ref.run([r], new) for r in reqs])
+        times["one_at_a_time"].append(t)
+        t, _ = timed(lambda: [ref.run([r for r in reqs if r[0] == k], new) for k in ADAPTER])
+        times["per_modality"].append(t)
+        print(f"[bench] mixed rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    best = {k: min(v) for k, v in times.items()}
+    ref_best = min(best["one_at_a_time"], best["per_modality"])
+    each = [min(o, m) / p for p, o, m in zip(times["phimm"], times["one_at_a_time"], times["per_modality"])]
+    total_tokens = 16 * new
+    results["mixed"] = {
+        "phimm_s": best["phimm"], "reference_one_at_a_time_s": best["one_at_a_time"],
+        "reference_per_modality_s": best["per_modality"], "reference_best_s": ref_best,
+        "speedup": ref_best / best["phimm"], "speedup_each": each, "speedup_median": float(np.median(each)),
+        "phimm_requests_per_s": 16 / best["phimm"],
+        "phimm_tokens_per_s": total_tokens / best["phimm"], "reference_tokens_per_s": total_tokens / ref_best,
+    }
+
+    # ---- every row equals the same request alone (fp32) ----
+    check = phimm.load(ckpt, dtype="float32", threads=args.threads)
+    check_new = min(new, 8)
+    batch = check([to_request(r) for r in reqs], max_new_tokens=check_new, output_logits=True)
+    match, worst = 0, 0.0
+    for r, b in zip(reqs, batch):
+        alone = check(to_request(r), max_new_tokens=check_new, output_logits=True)
+        match += int(alone.token_ids == b.token_ids)
+        worst = max(worst, (alone.logits[0] - b.logits[0]).abs().max().item())
+    results["mixed"]["rows_match"] = match == len(reqs)
+    results["mixed"]["rows_matching"] = f"{match}/{len(reqs)}"
+    results["mixed"]["max_first_logit_diff_fp32"] = worst
+    del check
+
+
+def adapter_bytes(model, name: str | None) -> int:
+    """Bytes of one adapter's A and B over all its layers: what a decode step on its route reads besides the base."""
+    if name is None:
+        return 0
+    from adapters import LoraLinear
+
+    i = model.adapter_index(name)
+    total = 0
+    for mod in model.hf.modules():
+        if isinstance(mod, LoraLinear) and i < len(mod.lora_a) and mod.lora_a[i] is not None:
+            total += sum(t.numel() * t.element_size() for t in (mod.lora_a[i], mod.lora_b[i]))
+    return total
+
+
+def route_decode(pipe, first: dict, new: int, base_bytes: int, bandwidth: float, reps: int = 2) -> dict:
+    """Batch-1 decode tokens/s of each route (its media encoded once beforehand), with the bytes a step reads
+    (the base's, plus the route's adapter) as a share of `bandwidth`; `over_text`: against the text route."""
+    out = {}
+    for kind, r in first.items():
+        req = to_request(r)
+        pipe(req, max_new_tokens=2)  # media features cached: decode alone is timed
+        rate = max(pipe(req, max_new_tokens=new, min_new_tokens=new).tokens_per_s for _ in range(reps))
+        nbytes = base_bytes + adapter_bytes(pipe.model, ADAPTER[kind])
+        out[kind] = {"decode_tok_s": rate, "bytes_per_token": nbytes,
+                     "bandwidth_fraction": nbytes * rate / (bandwidth * 1e9)}
+    for v in out.values():
+        v["over_text"] = v["decode_tok_s"] / out["text"]["decode_tok_s"]
+    print(f"[bench] route decode: {out}", flush=True)
+    return out
+
+
+def single_routes(pipe, ref, first: dict, new: int, base_bytes: int, bandwidth: float, reps: int = 2) -> dict:
+    """Each route alone, phimm and the reference interleaved: time to first token (phimm's media feature cache
+    emptied before each, so both encode the media every time), decode tokens/s (best of `reps`), and phimm's
+    bytes per token against `bandwidth`."""
+    single = {}
+    for kind, r in first.items():
+        p_ttft, p_dec, r_ttft, r_dec = [], [], [], []
+        for _ in range(reps):
+            pipe.model.feature_cache.clear()
+            o = pipe(to_request(r), max_new_tokens=new, min_new_tokens=new)
+            p_ttft.append(o.ttft_s)
+            p_dec.append(o.tokens_per_s)
+            t1, _ = timed(lambda: ref.run([r], 1))
+            tn, _ = timed(lambda: ref.run([r], new))
+            r_ttft.append(t1)
+            r_dec.append((new - 1) / max(tn - t1, 1e-9))
+        nbytes = base_bytes + adapter_bytes(pipe.model, ADAPTER[kind])
+        single[kind] = {"phimm_ttft_s": min(p_ttft), "reference_ttft_s": min(r_ttft),
+                        "phimm_decode_tok_s": max(p_dec), "reference_decode_tok_s": max(r_dec),
+                        "ttft_ratio": min(p_ttft) / min(r_ttft),
+                        "decode_ratio": max(r_dec) / max(p_dec),  # phimm time per token / reference time per token
+                        "bytes_per_token": nbytes, "bandwidth_fraction": nbytes * max(p_dec) / (bandwidth * 1e9)}
+        print(f"[bench] single {kind}: {single[kind]}", flush=True)
+    for v in single.values():
+        v["decode_over_text"] = v["phimm_decode_tok_s"] / single["text"]["phimm_decode_tok_s"]
+    return single
+
+
 def workload(spec, seed: int = 0):
     """16 requests: 4 each of text, image, audio, image + audio (chat-formatted prompts, raw placeholders)."""
     from PIL import Image
@@ -357,86 +516,60 @@ def run(args) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     print(f"[bench] size={args.size} dtype={args.dtype} threads={args.threads}", flush=True)
     ckpt = make_checkpoint(args.size, root)
-    bandwidth = measure_bandwidth()
-    print(f"[bench] read bandwidth {bandwidth:.1f} GB/s", flush=True)
+    bandwidths = measure_bandwidths()
+    bandwidth = bandwidths["best"]
+    print(f"[bench] bandwidth {bandwidth:.1f} GB/s (" + ", ".join(f"{k} {v:.1f}" for k, v in bandwidths.items()
+                                                            if k != "best") + ")", flush=True)
+    reqs = workload(spec)
+    first = {kind: next(r for r in reqs if r[0] == kind) for kind in ADAPTER}
 
+    # resident memory: after loading and one request of each route (feature caches emptied, freed heap returned);
+    # both libraries imported first, so that neither figure holds the other's code
+    import peft  # noqa: F401
+    from transformers import Phi4MultimodalForCausalLM  # noqa: F401
+
+    trim_memory()
     rss0 = rss_mb()
     pipe = phimm.load(ckpt, dtype=args.dtype, threads=args.threads)
+    for r in first.values():
+        pipe(to_request(r), max_new_tokens=2)
+    pipe.model.feature_cache.clear()
+    trim_memory()
     rss_phimm = rss_mb() - rss0
     rss1 = rss_mb()
     ref = Reference(ckpt, dtype)
+    for r in first.values():
+        ref.run([r], 2)
+    trim_memory()
     rss_ref = rss_mb() - rss1
     n_params = sum(p.numel() for p in ref.model.get_base_model().parameters())
-    reqs = workload(spec)
-    results: dict = {"config": {"size": args.size, "dtype": args.dtype, "threads": args.threads, "new_tokens": new,
+    ckpt_mb = checkpoint_bytes(ckpt, dtype) / 2**20
+    results: dict = {"size": args.size,
+                     "config": {"size": args.size, "dtype": args.dtype, "threads": args.threads, "new_tokens": new,
                                 "parameters": n_params, "image": spec["image"], "audio_s": spec["audio_s"],
-                                "lora_rank": spec["lora"], "torch": torch.__version__}}
-
-    # ---- mixed workload, interleaved ----
-    times = {"phimm": [], "one_at_a_time": [], "per_modality": []}
-    for rep in range(args.repeats):
-        t, outs = timed(lambda: pipe([to_request(r) for r in reqs], max_new_tokens=new, min_new_tokens=new))
-        times["phimm"].append(t)
-        t, _ = timed(lambda: [ref.run([r], new) for r in reqs])
-        times["one_at_a_time"].append(t)
-        t, _ = timed(lambda: [ref.run([r for r in reqs if r[0] == k], new) for k in ADAPTER])
-        times["per_modality"].append(t)
-        print(f"[bench] mixed rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
-    best = {k: min(v) for k, v in times.items()}
-    ref_best = min(best["one_at_a_time"], best["per_modality"])
-    total_tokens = 16 * new
-    results["mixed"] = {
-        "phimm_s": best["phimm"], "reference_one_at_a_time_s": best["one_at_a_time"],
-        "reference_per_modality_s": best["per_modality"], "reference_best_s": ref_best,
-        "speedup": ref_best / best["phimm"], "phimm_requests_per_s": 16 / best["phimm"],
-        "phimm_tokens_per_s": total_tokens / best["phimm"], "reference_tokens_per_s": total_tokens / ref_best,
-    }
-
-    # ---- every row equals the same request alone (fp32) ----
-    check = phimm.load(ckpt, dtype="float32", threads=args.threads)
-    check_new = min(new, 8)
-    batch = check([to_request(r) for r in reqs], max_new_tokens=check_new, output_logits=True)
-    match, worst = 0, 0.0
-    for r, b in zip(reqs, batch):
-        alone = check(to_request(r), max_new_tokens=check_new, output_logits=True)
-        match += int(alone.token_ids == b.token_ids)
-        worst = max(worst, (alone.logits[0] - b.logits[0]).abs().max().item())
-    results["mixed"]["rows_match"] = match == len(reqs)
-    results["mixed"]["rows_matching"] = f"{match}/{len(reqs)}"
-    results["mixed"]["max_first_logit_diff_fp32"] = worst
-    del check
-
-    # ---- single requests per route, interleaved ----
-    single = {}
-    for kind in ADAPTER:
-        r = next(x for x in reqs if x[0] == kind)
-        p_ttft, p_dec, r_ttft, r_dec = [], [], [], []
-        for _ in range(2):
-            o = pipe(to_request(r), max_new_tokens=new, min_new_tokens=new)
-            p_ttft.append(o.ttft_s)
-            p_dec.append(o.tokens_per_s)
-            t1, _ = timed(lambda: ref.run([r], 1))
-            tn, _ = timed(lambda: ref.run([r], new))
-            r_ttft.append(t1)
-            r_dec.append((new - 1) / max(tn - t1, 1e-9))
-        single[kind] = {"phimm_ttft_s": min(p_ttft), "reference_ttft_s": min(r_ttft),
-                        "phimm_decode_tok_s": max(p_dec), "reference_decode_tok_s": max(r_dec),
-                        "ttft_ratio": min(p_ttft) / min(r_ttft),
-                        "decode_ratio": max(r_dec) / max(p_dec)}  # phimm time per token / reference time per token
-        print(f"[bench] single {kind}: {single[kind]}", flush=True)
-    results["single"] = single
+                                "lora_rank": spec["lora"], "torch": torch.__version__},
+                     "bandwidth": bandwidths, "bandwidth_gbs": bandwidth,
+                     "memory": {"phimm_weights_rss_mb": rss_phimm, "reference_weights_rss_mb": rss_ref,
+                                "checkpoint_mb": ckpt_mb, "phimm_over_checkpoint": rss_phimm / ckpt_mb,
+                                "reference_over_checkpoint": rss_ref / ckpt_mb,
+                                "measured": "RSS after loading and one request of each route"}}
+    print(f"[bench] memory {results['memory']}", flush=True)
+    if spec.get("mixed", True):
+        mixed_and_rows(args, pipe, ref, ckpt, reqs, new, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    weight_bytes = decode_weight_bytes(pipe.model)
+    results["single"] = single_routes(pipe, ref, first, new, weight_bytes, bandwidth,
+                                      reps=spec.get("route_repeats", 2))
 
     # ---- batch-1 decode against the memory bandwidth ----
-    weight_bytes = decode_weight_bytes(pipe.model)
     dec = max(pipe("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
               for _ in range(2))
     results["decode_bandwidth_fraction"] = weight_bytes * dec / (bandwidth * 1e9)
-    results["bandwidth_gbs"] = bandwidth
     results["decode_tok_s"] = dec
     results["decode_weight_bytes"] = weight_bytes
-    results["memory"] = {"phimm_weights_rss_mb": rss_phimm, "reference_weights_rss_mb": rss_ref,
-                         "peak_rss_mb": peak_rss_mb()}
-    results["decode_attention"] = decode_attention_routes(pipe, spec, new)
+    if spec.get("decode_attention", True):
+        results["decode_attention"] = decode_attention_routes(pipe, spec, new)
 
     if args.json:  # keep what is measured so far, should a later phase fail
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -449,9 +582,10 @@ def run(args) -> dict:
                 for _ in range(2))
     agreement, logit_diff, where = int8_agreement(args, q if not _embedded_available() else None, pipe)
     results["int8"] = {"decode_speedup": q_dec / dec, "bytes_ratio": q_bytes / weight_bytes, "agreement": agreement,
-                       "max_logit_diff": logit_diff, "agreement_on": where, "decode_tok_s": q_dec}
+                       "max_logit_diff": logit_diff, "agreement_on": where, "decode_tok_s": q_dec,
+                       "decode_bandwidth_fraction": q_bytes * q_dec / (bandwidth * 1e9),
+                       "routes": route_decode(q, first, new, q_bytes, bandwidth)}
     del q
-
     # ---- int4 ----
     from .quant import INT4_GROUP_SIZE
 
@@ -545,46 +679,63 @@ def _toy_request(phimm, kind, s):
 
 
 def markdown(results: dict, command: str) -> str:
-    m, s = results["mixed"], results["single"]
+    m, s = results.get("mixed"), results["single"]
     c = results["config"]
+    mem = results["memory"]
+    bw = results.get("bandwidth") or {"best": results["bandwidth_gbs"]}
     lines = [
         f"Command: `{command}`",
         "",
-        f"Model: {c['parameters'] / 1e6:.0f}M parameters (random weights), {c['dtype']}, {c['threads']} thread(s), "
-        f"{c['new_tokens']} new tokens, LoRA r={c['lora_rank']}, image {c['image'][0]}x{c['image'][1]}, "
-        f"audio {c['audio_s']} s, torch {c['torch']}.",
+        f"Model: {c['parameters'] / 1e6:.0f}M parameters (random weights, size {c['size']}), {c['dtype']}, "
+        f"{c['threads']} thread(s), {c['new_tokens']} new tokens, LoRA r={c['lora_rank']}, image {c['image'][0]}x"
+        f"{c['image'][1]}, audio {c['audio_s']} s, torch {c['torch']}. Bandwidth: "
+        + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items() if k != "best") + f" (best {bw['best']:.1f}).",
         "",
         "| workload | phimm | transformers + peft | ratio |",
         "|---|---|---|---|",
-        f"| 16 mixed requests, wall time | {m['phimm_s']:.2f} s | {m['reference_best_s']:.2f} s (best of one-at-a-time "
-        f"{m['reference_one_at_a_time_s']:.2f} s / per-modality batches {m['reference_per_modality_s']:.2f} s) | "
-        f"{m['speedup']:.2f}x faster |",
-        f"| 16 mixed requests, requests/s | {m['phimm_requests_per_s']:.2f} | {16 / m['reference_best_s']:.2f} | |",
-        f"| 16 mixed requests, tokens/s | {m['phimm_tokens_per_s']:.1f} | {m['reference_tokens_per_s']:.1f} | |",
-        f"| every batch row equals the request alone (fp32) | {m['rows_matching']} rows, max first-step logit diff "
-        f"{m['max_first_logit_diff_fp32']:.1e} | | |",
     ]
+    if m:
+        median = f", median of {len(m['speedup_each'])} runs {m['speedup_median']:.2f}x" if "speedup_each" in m else ""
+        lines += [
+            f"| 16 mixed requests, wall time | {m['phimm_s']:.2f} s | {m['reference_best_s']:.2f} s (best of "
+            f"one-at-a-time {m['reference_one_at_a_time_s']:.2f} s / per-modality batches "
+            f"{m['reference_per_modality_s']:.2f} s) | {m['speedup']:.2f}x faster{median} |",
+            f"| 16 mixed requests, requests/s | {m['phimm_requests_per_s']:.2f} | {16 / m['reference_best_s']:.2f} | |",
+            f"| 16 mixed requests, tokens/s | {m['phimm_tokens_per_s']:.1f} | {m['reference_tokens_per_s']:.1f} | |",
+            f"| every batch row equals the request alone (fp32) | {m['rows_matching']} rows, max first-step logit "
+            f"diff {m['max_first_logit_diff_fp32']:.1e} | | |",
+        ]
     for kind, v in s.items():
         lines.append(f"| {kind}: time to first token | {v['phimm_ttft_s']:.3f} s | {v['reference_ttft_s']:.3f} s | "
                      f"{v['ttft_ratio']:.2f} (phimm / ref) |")
-        lines.append(f"| {kind}: decode tokens/s | {v['phimm_decode_tok_s']:.1f} | {v['reference_decode_tok_s']:.1f} | "
-                     f"{v['decode_ratio']:.2f} (phimm time / ref time) |")
+        extra = (f" ({100 * v['bandwidth_fraction']:.0f} % of the bandwidth, {v['bytes_per_token'] / 1e6:.0f} MB/token; "
+                 f"{v['decode_over_text']:.2f}x text)" if "bandwidth_fraction" in v else "")
+        lines.append(f"| {kind}: decode tokens/s | {v['phimm_decode_tok_s']:.1f}{extra} | "
+                     f"{v['reference_decode_tok_s']:.1f} | {v['decode_ratio']:.2f} (phimm time / ref time) |")
     q = results["int8"]
     lines += [
         f"| batch-1 text decode | {results['decode_tok_s']:.1f} tok/s = {100 * results['decode_bandwidth_fraction']:.0f} % "
         f"of {results['bandwidth_gbs']:.1f} GB/s ({results['decode_weight_bytes'] / 1e6:.0f} MB/token) | | |",
-        f"| int8 batch-1 decode | {q['decode_tok_s']:.1f} tok/s ({q['decode_speedup']:.2f}x bf16), weights "
-        f"{q['bytes_ratio']:.2f}x, next-token agreement {100 * q['agreement']:.1f} % ({q['agreement_on']}) | | |",
+        f"| int8 batch-1 decode | {q['decode_tok_s']:.1f} tok/s ({q['decode_speedup']:.2f}x bf16"
+        + (f", {100 * q['decode_bandwidth_fraction']:.0f} % of the bandwidth" if "decode_bandwidth_fraction" in q else "")
+        + f"), weights {q['bytes_ratio']:.2f}x, next-token agreement {100 * q['agreement']:.1f} % "
+        f"({q['agreement_on']}) | | |",
     ]
+    if q.get("routes"):
+        lines.append("| int8 decode per route | " + ", ".join(
+            f"{k} {v['decode_tok_s']:.1f} tok/s ({100 * v['bandwidth_fraction']:.0f} %, {v['over_text']:.2f}x text)"
+            for k, v in q["routes"].items()) + " | | |")
     q4 = results.get("int4")
     if q4:
         lines.append(
             f"| int4 batch-1 decode (groups of {q4['group_size']}, {q4['kernel']}) | {q4['decode_tok_s']:.1f} tok/s "
             f"({q4['decode_speedup']:.2f}x bf16, {q4['vs_int8']:.2f}x int8), weights {q4['bytes_ratio']:.2f}x, "
             f"next-token agreement {100 * q4['agreement']:.1f} % ({q4['agreement_on']}) | | |")
+    over = (f" = {mem['phimm_over_checkpoint']:.2f}x the checkpoint's {mem['checkpoint_mb']:.0f} MB in {c['dtype']}"
+            if "checkpoint_mb" in mem else "")
     lines += [
-        f"| memory | weights RSS {results['memory']['phimm_weights_rss_mb']:.0f} MB | "
-        f"{results['memory']['reference_weights_rss_mb']:.0f} MB | peak RSS of the run {results['memory']['peak_rss_mb']:.0f} MB |",
+        f"| memory (RSS after loading and one request of each route) | {mem['phimm_weights_rss_mb']:.0f} MB{over} | "
+        f"{mem['reference_weights_rss_mb']:.0f} MB | peak RSS of the run {mem['peak_rss_mb']:.0f} MB |",
     ]
     d = results.get("decode_attention")
     if d:

@@ -87,6 +87,9 @@ class FeatureCache:
                 h.update(repr(p).encode())
         return h.digest()
 
+    def clear(self) -> None:
+        self.entries.clear()
+
     def get(self, key: bytes) -> torch.Tensor | None:
         hit = self.entries.get(key)
         if hit is None:
