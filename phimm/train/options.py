@@ -75,7 +75,7 @@ class Options:
     lm_anneal_spoken: int = 3000
 
     # ---- stage speech_encoder
-    asr_samples: int = 6000  # training clips (the speech stage fits on the first 2500 of them)
+    asr_samples: int = 6000  # training clips (the speech stage fits on 2500 more, or on the first 2500 of them)
     ctc_steps: int = 3000
     ctc_batch: int = 24
     # > 0: the first this many CTC steps take the shortest clips in length order (SortaGrad), the rest as usual
@@ -85,6 +85,10 @@ class Options:
     proj_steps: int = 1500
     speech_e2e_steps: int = 600
     e2e_batch: int = 16
+    # the speech stage fits its projector and LoRA on clips the speech encoder never trained on (the same voices,
+    # the utterances after its `asr_samples`), read as at inference; False: on its first training clips, whose
+    # posteriors are sharper than any new clip's
+    speech_fit_unseen: bool = False
 
     # ---- stage vision_encoder
     cell_steps: int = 13500
@@ -132,7 +136,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "lm_anneal": ("lm_anneal_steps", "lm_anneal_lr", "lm_anneal_task_weights", "lm_anneal_word_frames",
                   "lm_anneal_spoken"),
     "speech_encoder": ("asr_samples", "ctc_steps", "ctc_batch", "ctc_sortagrad_steps"),
-    "speech": ("proj_steps", "speech_e2e_steps", "e2e_batch"),
+    "speech": ("proj_steps", "speech_e2e_steps", "e2e_batch", "speech_fit_unseen"),
     "vision_encoder": ("cell_steps", "cell_batch", "cell_lr", "cell_reuse", "cell_faint"),
     "vision": ("vqa_samples", "vision_e2e_steps"),
     "vision_speech": ("svqa_samples", "vs_steps", "vs_lora_lr"),

@@ -150,9 +150,10 @@ def run_encoder(run_dir, opts: Options) -> None:
     stage.log(event="end", heldout_ctc_wer=round(dev_wer, 4))
     save_parts(hf, stage, (AUDIO_EMBED + "encoder.",))
     torch.save(head.state_dict(), stage.dir / "ctc_head.pt")
-    # the speech stage fits its projector to the first of these clips read by this encoder: read them here, where
-    # they are already made, so that the speech stage (on the LM's chain, the longer one) need not make them again
-    torch.save(encode(encoder, head, clips[:fit_clips(opts)]), stage.dir / FIT_ENCODED)
+    if not opts.speech_fit_unseen:
+        # the speech stage fits its projector to the first of these clips read by this encoder: read them here,
+        # where they are already made, so that the speech stage need not make them again
+        torch.save(encode(encoder, head, clips[:fit_clips(opts)]), stage.dir / FIT_ENCODED)
     stage.finish(wall_s=timer(), heldout_ctc_wer=round(dev_wer, 4), steps=opts.ctc_steps)
     if stage.state_path.exists():
         stage.state_path.unlink()
@@ -202,12 +203,15 @@ def run_adapt(run_dir, opts: Options) -> None:
     timer = Timer()
     hf, proc = load_base(run_dir)
     vocab = Vocab(proc.tokenizer, hf.config)
-    ready = stage_file(run_dir, "speech_encoder", FIT_ENCODED)
+    ready = None if opts.speech_fit_unseen else stage_file(run_dir, "speech_encoder", FIT_ENCODED)
     if ready is not None:  # the same clips through the same encoder, read where they were made
         encoded = torch.load(ready, weights_only=True)
-    else:  # a run whose speech_encoder stage predates the file
+    else:  # new clips (or a run whose speech_encoder stage predates the file): made and read here
         encoder, head = load_encoder(run_dir, hf, opts)
-        encoded = encode(encoder, head, make_clips(proc, "asr", fit_clips(opts), opts.seed, desc="speech:data"))
+        start = opts.asr_samples if opts.speech_fit_unseen else 0  # after the encoder's own clips: never heard
+        encoded = encode(encoder, head, make_clips(proc, "asr", fit_clips(opts), opts.seed, start=start,
+                                                   desc="speech:data"))
+        stage.log(event="fit_clips", n=len(encoded), start=start)
     ae = hf.model.embed_tokens_extend.audio_embed
     up, down = ae.up_proj_for_speech, ae.down_proj_for_speech
     table = hf.model.embed_tokens.weight[vocab.ctc_ids].detach()
