@@ -59,7 +59,9 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype, device: str | torch
     adapters = {}
     for name, folder in adapter_folders(path, meta).items():
         try:
-            adapters[name] = load_peft_adapter(folder, name)
+            # in the model's dtype: the layers use these very tensors (no second copy of every adapter in memory),
+            # and `save_pretrained` writes them as it writes the base, in the dtype the model was loaded in
+            adapters[name] = load_peft_adapter(folder, name, dtype=dtype if dtype.is_floating_point else None)
         except AdapterDataError as e:
             raise AdapterError(str(e)) from e
     return Loaded(hf, adapters, meta, layout)

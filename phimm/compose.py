@@ -313,7 +313,7 @@ def build(base: str | Path, vision: str | Path | None = None, speech: str | Path
     loaded = {}
     for name, folder in dict(adapters or {}).items():
         try:
-            loaded[name] = load_peft_adapter(folder, name)
+            loaded[name] = load_peft_adapter(folder, name, dtype=dtype)  # shared with the layers: no second copy
         except AdapterDataError as e:
             raise AdapterError(str(e)) from e
     image_tokens = 0

@@ -243,6 +243,32 @@ def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True, spoken: dic
     return out
 
 
+def periodic_eval(stage, hf, opts: Options, vocab, step: int) -> None:
+    """Every `lm_eval_every` steps: the task accuracies in the log (not after the last step: `end` has them)."""
+    done = step + 1
+    if opts.lm_eval_every and done % opts.lm_eval_every == 0 and done < opts.lm_steps:
+        stage.log(event="eval", step=done, eval_acc=eval_acc(hf, opts, vocab))
+
+
+def binding_step(log_path, threshold: float = 0.9) -> int | None:
+    """The first logged LM step at which held-in VQA accuracy reaches `threshold` (the slot binding found), from
+    the stage's periodic evals and its end; None if it never does (or nothing was logged)."""
+    import json
+    from pathlib import Path
+
+    path = Path(log_path)
+    if not path.is_file():
+        return None
+    last = 0
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "step" in rec and "event" not in rec:
+            last = max(last, rec["step"] + 1)
+        if rec.get("event") in ("eval", "end") and rec.get("eval_acc", {}).get("vqa", 0.0) >= threshold:
+            return rec.get("step", last)
+    return None
+
+
 def run(run_dir, opts: Options) -> None:
     from transformers import Phi4MultimodalForCausalLM
 
@@ -270,7 +296,8 @@ def run(run_dir, opts: Options) -> None:
                with_acc(lambda step: run_loss(hf, batch(step, opts, vocab, opts.lm_batch), vocab, body,
                                               chunks=opts.lm_chunks)),
                peak=opts.lm_lr, warmup=min(100, opts.lm_steps // 10), desc="text", start=start, clip=params,
-               checkpoint={"model": hf}, timer=timer)
+               checkpoint={"model": hf}, timer=timer,
+               after_step=lambda step: periodic_eval(stage, hf, opts, vocab, step))
     final = eval_acc(hf, opts, vocab)
     stage.log(event="end", eval_acc=final)
     hf.requires_grad_(False)

@@ -60,6 +60,9 @@ class Options:
     # the LM stages run a batch as this many parts of rows of similar length (less padding; the loss is the
     # batch's mean over its answer tokens all the same)
     lm_chunks: int = 2
+    # every this many LM steps, the held-in task accuracies (`eval_acc`, 32 examples a task) go to the stage's log
+    # as {"event": "eval"}: the step at which VQA rises shows when the run finds the slot binding (0: off)
+    lm_eval_every: int = 500
 
     # ---- stages spoken_pool and lm_anneal: after the LM stage, the decoder alone (embeddings frozen) trains
     # `lm_anneal_steps` more steps from a fresh optimiser at a lower peak rate, on its own task mix (0 steps: the
@@ -132,7 +135,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "vision_hidden", "vision_layers", "audio_hidden", "audio_blocks", "audio_conv_channels", "crop", "patch",
               "lora_r"),
     "lm": ("lm_steps", "lm_compile", "lm_batch", "lm_lr", "lm_weight_decay", "lm_task_weights", "lm_question_weights",
-           "lm_near_no", "lm_mix_floor", "lm_first", "lm_mixed_batches", "lm_chunks"),
+           "lm_near_no", "lm_mix_floor", "lm_first", "lm_mixed_batches", "lm_chunks",
+           "lm_eval_every"),
     "lm_anneal": ("lm_anneal_steps", "lm_anneal_lr", "lm_anneal_task_weights", "lm_anneal_word_frames",
                   "lm_anneal_spoken"),
     "speech_encoder": ("asr_samples", "ctc_steps", "ctc_batch", "ctc_sortagrad_steps"),

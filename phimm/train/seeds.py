@@ -32,6 +32,16 @@ def meets(scores: dict) -> dict[str, bool]:
     return out
 
 
+def diagnostics(run_dir: Path) -> dict:
+    """Where a run's variance shows: the LM step at which held-in VQA reached 90 % (the slot binding found; None
+    if it never did), and the speech encoder's own held-out CTC WER."""
+    from .lm import binding_step
+
+    enc = Path(run_dir) / "speech_encoder" / "done.json"
+    ctc = json.loads(enc.read_text()).get("heldout_ctc_wer") if enc.is_file() else None
+    return {"binding_step": binding_step(Path(run_dir) / "lm" / "log.jsonl"), "ctc_wer": ctc}
+
+
 def summarize(runs: dict[int, dict], preset: str) -> dict:
     """`runs[seed] = {"scores": ..., "wall_s": ...}` -> per-run rows, mean / min / max, targets met."""
     rows = []
@@ -41,7 +51,7 @@ def summarize(runs: dict[int, dict], preset: str) -> dict:
         if preset == "full":
             ok["time"] = r["wall_s"] is not None and r["wall_s"] <= FULL_RUN_LIMIT_S
         rows.append({"seed": seed, "wall_s": r["wall_s"], **{k: s.get(k) for k in TARGETS}, "meets": ok,
-                     "all_met": all(ok.values())})
+                     "all_met": all(ok.values()), "binding_step": r.get("binding_step"), "ctc_wer": r.get("ctc_wer")})
     stats = {}
     for key in ("asr_wer", "vqa_acc", "spoken_vqa_acc"):
         vals = [row[key] for row in rows if row[key] is not None]
@@ -53,13 +63,16 @@ def summarize(runs: dict[int, dict], preset: str) -> dict:
 def markdown(summary: dict) -> str:
     lines = [f"Preset `{summary['preset']}`, {len(summary['runs'])} seeds; targets met by "
              f"{summary['all_met']}/{len(summary['runs'])} runs.", "",
-             "| seed | ASR WER | VQA | spoken VQA | text bit-identical | wall | all targets |", "|---|---|---|---|---|---|---|"]
+             "| seed | ASR WER | VQA | spoken VQA | text bit-identical | wall | all targets | slot binding (LM step) "
+             "| speech encoder CTC WER |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
         def pct(v):
             return "—" if v is None else f"{100 * v:.1f} %"
         wall = "—" if r["wall_s"] is None else f"{r['wall_s'] / 60:.1f} min"
+        bind = r.get("binding_step")
         lines.append(f"| {r['seed']} | {pct(r['asr_wer'])} | {pct(r['vqa_acc'])} | {pct(r['spoken_vqa_acc'])} | "
-                     f"{r['text_route_bit_identical']} | {wall} | {'yes' if r['all_met'] else 'no'} |")
+                     f"{r['text_route_bit_identical']} | {wall} | {'yes' if r['all_met'] else 'no'} | "
+                     f"{'not reached' if bind is None else bind} | {pct(r.get('ctc_wer'))} |")
     for key, st in summary["stats"].items():
         lines.append(f"\n{key}: mean {100 * st['mean']:.1f} %, range {100 * st['min']:.1f}-{100 * st['max']:.1f} %")
     return "\n".join(lines) + "\n"
@@ -89,7 +102,7 @@ def main(argv=None) -> int:
             (run_dir / "wall_s.json").write_text(json.dumps({"wall_s": wall}) + "\n")
         elif (run_dir / "wall_s.json").is_file():
             wall = json.loads((run_dir / "wall_s.json").read_text())["wall_s"]
-        runs[seed] = {"scores": json.loads(scores_file.read_text()), "wall_s": wall}
+        runs[seed] = {"scores": json.loads(scores_file.read_text()), "wall_s": wall, **diagnostics(run_dir)}
         summary = summarize(runs, args.preset)
         (out / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "seeds.md").write_text(markdown(summary))
