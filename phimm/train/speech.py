@@ -67,6 +67,22 @@ def spec_augment(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return x
 
 
+def freq_warp(x: torch.Tensor, rng: random.Random, low: float, high: float) -> torch.Tensor:
+    """Vocal tract length perturbation on log-mel features `[B, T, F]`: each row's mel axis stretched by a factor
+    drawn in [low, high] (bin f reads bin f / alpha, linearly interpolated; the top bins repeat the last one), as
+    another speaker's formants would shift it."""
+    B, T, F = x.shape
+    out = torch.empty_like(x)
+    bins = torch.arange(F, dtype=torch.float32)
+    for i in range(B):
+        src = (bins / rng.uniform(low, high)).clamp(max=F - 1)
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=F - 1)
+        w = (src - lo.float())
+        out[i] = x[i][:, lo] * (1 - w) + x[i][:, hi] * w
+    return out
+
+
 def ctc_greedy(logp: torch.Tensor, n: int) -> str:
     ids = logp[:n].argmax(-1).tolist()
     words, prev = [], 0
@@ -134,7 +150,10 @@ def run_encoder(run_dir, opts: Options) -> None:
     def ctc_step(step):
         idx = plan[step]
         rng = random.Random(f"ctc-aug:{opts.seed}:{step}")
-        x = spec_augment(pad_features([clips[i][0] for i in idx]), rng)
+        x = pad_features([clips[i][0] for i in idx])
+        if opts.ctc_freq_warp > 0:
+            x = freq_warp(x, rng, 1.0 - opts.ctc_freq_warp, 1.0 + opts.ctc_freq_warp)
+        x = spec_augment(x, rng)
         logp = head(encoder(x, None)).log_softmax(-1)
         n = torch.tensor([clips[i][1] for i in idx])
         targets = [torch.tensor(word_labels(clips[i][2])) for i in idx]
