@@ -393,10 +393,13 @@ def single_routes(pipe, ref, first: dict, new: int, base_bytes: int, bandwidth: 
             o = pipe(to_request(r), max_new_tokens=new, min_new_tokens=new)
             p_ttft.append(o.ttft_s)
             p_dec.append(o.tokens_per_s)
-            t1, _ = timed(lambda: ref.run([r], 1))
-            tn, _ = timed(lambda: ref.run([r], new))
-            r_ttft.append(t1)
-            r_dec.append((new - 1) / max(tn - t1, 1e-9))
+            # the reference's decode from its own token times (a second run's TTFT taken off would leave the
+            # difference of two media encodings, seconds apart at the published widths)
+            times = TokenTimes()
+            t0 = time.perf_counter()
+            ref.run([r], new, streamer=times)
+            r_ttft.append(times.times[0] - t0)
+            r_dec.append((len(times.times) - 1) / max(times.times[-1] - times.times[0], 1e-9))
         nbytes = base_bytes + adapter_bytes(pipe.model, ADAPTER[kind])
         single[kind] = {"phimm_ttft_s": min(p_ttft), "reference_ttft_s": min(r_ttft),
                         "phimm_decode_tok_s": max(p_dec), "reference_decode_tok_s": max(r_dec),
@@ -483,12 +486,31 @@ class Reference:
         out = self.processor(text=[r[1] for r in batch], return_tensors="pt", padding=True, **kwargs)
         return out.to(self.device) if torch.device(self.device).type != "cpu" else out
 
-    def run(self, batch, new_tokens: int):
-        """One generate call for requests of one route (as its users batch them)."""
+    def run(self, batch, new_tokens: int, streamer=None):
+        """One generate call for requests of one route (as its users batch them); `streamer`: transformers'
+        streamer protocol (`put`, `end`), e.g. `TokenTimes`."""
         inputs = self.inputs(batch)
         with torch.inference_mode(), self._ctx(ADAPTER[batch[0][0]]):
-            out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      streamer=streamer)
         return out[:, inputs["input_ids"].shape[1]:]
+
+
+class TokenTimes:
+    """A streamer for `generate` that records when each step's tokens arrive (the first `put` is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt = True
+
+    def put(self, value) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def to_request(r):
