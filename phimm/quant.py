@@ -198,8 +198,13 @@ class PackedWeight:
         return self.packed is None
 
     def pack(self) -> None:
+        from .formats.shards import release_file_pages
+
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.source, 1)
         self.nbytes = self.packed.numel() * self.packed.element_size()
+        # a source read from a memory-mapped checkpoint stays mapped (the file's other tensors are in use): give
+        # its pages back, or the packed copy would sit beside them
+        release_file_pages(self.source)
         self.source = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,8 +303,8 @@ def _quantize_base(model, weight_format, linear_format, name: str) -> dict[str, 
 
 
 # bytes: a tied output head up to this size gets its own packed copy (the embedding keeps the plain weight for
-# look-ups). 0: never duplicated. At 209m the copy (62.5 MiB) made resident memory 1.20-1.40x the checkpoint's
-# bytes instead of 1.06x, and batch-1 decode was no faster with it (24.8 / 28.7 against 28.4 / 24.6 tok/s)
+# look-ups). 0: never duplicated. At 209m the copy held 62.5 MiB more, and batch-1 decode was no faster with it
+# (24.8 / 28.7 against 28.4 / 24.6 tok/s)
 HEAD_PACK_LIMIT = 0
 
 

@@ -135,3 +135,45 @@ def _libc_mmap():
 
 
 __all__ = ["PER_FILE_ENV", "ST_DTYPES", "MappedShards", "per_file_default"]
+
+
+def release_file_pages(t: torch.Tensor) -> int:
+    """Drop from this process's memory the pages of a file-backed memory map that lie wholly inside `t`'s bytes
+    (`madvise(MADV_DONTNEED)`; a later read of them reads the file again), for a tensor that is no longer used,
+    such as a weight whose packed copy has replaced it. Anonymous memory (a tensor not read from a mapped file) is
+    left alone, as are pages that reach outside `t`. Returns the bytes released (0 where unsupported)."""
+    if os.name != "posix" or t.device.type != "cpu" or t.numel() == 0:
+        return 0
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = (start + page - 1) // page * page
+    hi = end // page * page
+    if hi <= lo or not _file_backed(lo, hi):
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return 0
+    MADV_DONTNEED = 4
+    return hi - lo if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
+
+
+def _file_backed(lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies inside one private mapping of a regular file (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                if a <= lo and hi <= b:
+                    return len(parts) >= 6 and parts[5].startswith("/") and parts[1].endswith("p")
+    except OSError:
+        pass
+    return False
