@@ -83,8 +83,10 @@ class Options:
     asr_samples: int = 12000
     ctc_steps: int = 3000
     ctc_batch: int = 24
-    # > 0: the first this many CTC steps take the shortest clips in length order (SortaGrad), the rest as usual
-    ctc_sortagrad_steps: int = 0
+    # > 0: the first this many CTC steps take the shortest clips in length order (SortaGrad), the rest as usual.
+    # Without it a seed can sit on the CTC plateau (mostly blanks) for most of its steps: seed 2's encoder read
+    # its dev clips at 71.8 % CTC WER (12000 clips), 6.7 % with 200 sorted steps (seed 0: 2.1 -> 2.7 %)
+    ctc_sortagrad_steps: int = 200
     # > 0: each training clip's mel axis is stretched by a random factor in [1 - w, 1 + w] (vocal tract length
     # perturbation: voices the synthesiser does not make)
     ctc_freq_warp: float = 0.0
