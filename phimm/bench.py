@@ -83,26 +83,23 @@ def measure_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
 
 
 def checkpoint_bytes(ckpt: Path, dtype: torch.dtype) -> int:
-    """Bytes of a checkpoint's floating-point tensors (model files and adapter folders) stored in `dtype`, from the
-    files' headers: what loading it in that dtype must hold at least."""
+    """Bytes of a checkpoint's tensors (model files and adapter folders) with the floating ones in `dtype`, from
+    the files' headers: what loading it in that dtype must hold at least."""
     import math
 
     from safetensors import safe_open
 
-    size = torch.empty((), dtype=dtype).element_size()
+    from .formats.shards import ST_DTYPES
+
     total = 0
     for f in sorted(Path(ckpt).glob("*.safetensors")) + sorted(Path(ckpt).glob("*-lora/*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
                 sl = st.get_slice(k)
-                n = math.prod(sl.get_shape())
-                floating = sl.get_dtype() in ("F16", "BF16", "F32", "F64")
-                total += n * size if floating else n * torch.empty((), dtype=getattr(torch, _ST_DTYPES.get(
-                    sl.get_dtype(), "uint8"))).element_size()
+                stored = ST_DTYPES[sl.get_dtype()]
+                held = dtype if stored.is_floating_point else stored
+                total += math.prod(sl.get_shape()) * held.itemsize
     return total
-
-
-_ST_DTYPES = {"I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 
 def trim_memory() -> None:

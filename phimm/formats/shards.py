@@ -15,6 +15,7 @@ non-empty value, one map per file; unset or empty, one map per tensor where the 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,8 +116,9 @@ class MappedShards:
         self._bytes.clear()
 
 
+@functools.lru_cache(maxsize=None)
 def _libc_mmap():
-    """libc's mmap / munmap through ctypes (POSIX), or None where they are not available."""
+    """libc's mmap / munmap / madvise through ctypes (POSIX), or None where they are not available."""
     import ctypes
     import ctypes.util
 
@@ -129,6 +131,8 @@ def _libc_mmap():
                               ctypes.c_long]
         libc.munmap.restype = ctypes.c_int
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.restype = ctypes.c_int
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc
@@ -142,10 +146,9 @@ def release_file_pages(t: torch.Tensor) -> int:
     (`madvise(MADV_DONTNEED)`; a later read of them reads the file again), for a tensor that is no longer used,
     such as a weight whose packed copy has replaced it. Anonymous memory (a tensor not read from a mapped file) is
     left alone, as are pages that reach outside `t`. Returns the bytes released (0 where unsupported)."""
-    if os.name != "posix" or t.device.type != "cpu" or t.numel() == 0:
+    libc = _libc_mmap()
+    if libc is None or t.device.type != "cpu" or t.numel() == 0:
         return 0
-    import ctypes
-    import ctypes.util
     import mmap
 
     page = mmap.PAGESIZE
@@ -154,12 +157,6 @@ def release_file_pages(t: torch.Tensor) -> int:
     lo = (start + page - 1) // page * page
     hi = end // page * page
     if hi <= lo or not _file_backed(lo, hi):
-        return 0
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):
         return 0
     MADV_DONTNEED = 4
     return hi - lo if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
