@@ -150,6 +150,9 @@ class LoraLinear(nn.Module):
         self.lora_scale: list[float] = []
         self.trainable: int | None = None  # index of the adapter held as parameters (`lora_A`, `lora_B`)
         self._stacked: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (ranks, A, B)
+        # a format for the adapters' own A and B (`set_adapter_format`), and each adapter's pair in it
+        self.adapter_format = None
+        self._formatted: dict[int, tuple] = {}
 
     def set_adapter_weights(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         while len(self.lora_a) <= index:
@@ -157,6 +160,7 @@ class LoraLinear(nn.Module):
             self.lora_b.append(None)
             self.lora_scale.append(1.0)
         self._stacked = None
+        self._formatted.pop(index, None)
         if a is None:
             self.lora_a[index] = self.lora_b[index] = None
             return
@@ -211,6 +215,19 @@ class LoraLinear(nn.Module):
         self.base_format = fmt
         self.weight = None
 
+    def set_adapter_format(self, fmt) -> None:
+        """Run a batch on one adapter through `fmt(A)` and `fmt(B)` (a callable made from a weight, as the base's:
+        `fmt(w)(x) -> x w^T`), made on that adapter's first such forward; None: plain matmuls. Mixed batches
+        and the trainable adapter keep the plain matmuls."""
+        self.adapter_format = fmt
+        self._formatted = {}
+
+    def _adapter_pair(self, i: int):
+        pair = self._formatted.get(i)
+        if pair is None:
+            pair = self._formatted[i] = (self.adapter_format(self.lora_a[i]), self.adapter_format(self.lora_b[i]))
+        return pair
+
     @property
     def base_nbytes(self) -> int:
         """Bytes of the base weight as a forward reads it (in its format)."""
@@ -228,6 +245,7 @@ class LoraLinear(nn.Module):
         if self.trainable is not None:  # the parameters were converted in place of the list's entries
             self.lora_a[self.trainable], self.lora_b[self.trainable] = self.lora_A, self.lora_B
         self._stacked = None
+        self._formatted = {}
         return out
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -245,6 +263,9 @@ class LoraLinear(nn.Module):
                 a, b = self.lora_a[i], self.lora_b[i]
                 if i == self.trainable:  # training: out of place, so gradients flow (the same ops with or without)
                     return out + (x @ a.t()) @ b.t() * self.lora_scale[i]
+                if self.adapter_format is not None and x.dtype == self.lora_dtype:
+                    fa, fb = self._adapter_pair(i)
+                    return out.add_(fb(fa(x)), alpha=self.lora_scale[i])
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output
                 out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.lora_scale[i])

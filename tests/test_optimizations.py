@@ -37,6 +37,31 @@ def test_packed_bf16_matches_plain_bf16(bf16_pair):
         assert a.token_ids[0] == b.token_ids[0]
     packed_layers = [m.base_format for m in targets if isinstance(m.base_format, PackedWeight)]
     assert packed_layers and not any(f.pending for f in packed_layers)
+    # the single-route requests ran their adapters' own factors packed too (the tiny adapters' B is non-zero)
+    pairs = [f for m in targets for pair in m._formatted.values() for f in pair]
+    assert pairs and all(isinstance(f, PackedWeight) and not f.pending for f in pairs)
+
+
+def test_tied_head_of_a_mapped_bf16_checkpoint_is_packed(tmp_path):
+    """A bf16 checkpoint read from its file: the tied output head gets a packed copy and the shared weight's
+    pages go back to the file; look-ups read their rows again, and outputs equal the plain path's."""
+    from phimm.formats.shards import file_backed
+    from phimm.quant import PackedLinear
+    from phimm.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
+    plain = phimm.load(ckpt, dtype="bfloat16", pack_weights=False)
+    packed = phimm.load(ckpt, dtype="bfloat16", pack_weights=True)
+    emb = packed.model.hf.get_input_embeddings().weight
+    assert file_backed(emb) and isinstance(packed.model.hf.lm_head, PackedLinear)
+    for req in _reqs():
+        a = plain(req, max_new_tokens=4, output_logits=True)
+        b = packed(req, max_new_tokens=4, output_logits=True)
+        scale = a.logits[0].abs().max().item()
+        assert (a.logits[0] - b.logits[0]).abs().max().item() <= 0.02 * scale + 1e-2
+        assert a.token_ids[0] == b.token_ids[0]
+    assert not packed.model.hf.lm_head.base_format.pending
+    assert torch.equal(emb, plain.model.hf.get_input_embeddings().weight)  # read again from the file
 
 
 def test_packing_is_lazy_until_first_request(tiny_ckpt):

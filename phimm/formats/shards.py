@@ -162,6 +162,20 @@ def release_file_pages(t: torch.Tensor) -> int:
     return hi - lo if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
 
 
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether all of `t`'s whole pages lie in one private mapping of a regular file: a weight read lazily from
+    a memory-mapped checkpoint, whose pages `release_file_pages` can give back."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo, hi = (start + page - 1) // page * page, end // page * page
+    return hi > lo and _file_backed(lo, hi)
+
+
 def _file_backed(lo: int, hi: int) -> bool:
     """Whether [lo, hi) lies inside one private mapping of a regular file (from /proc/self/maps)."""
     try:
