@@ -53,8 +53,11 @@ def adapter_from_state_dict(
                        target_modules=target_modules)
 
 
-def load_peft_adapter(folder: str | Path, name: str, *, dtype: torch.dtype | None = None) -> LoraAdapter:
-    """Load a peft LoRA folder. Only safetensors are read: a pickle file is never executed."""
+def load_peft_adapter(folder: str | Path, name: str, *, dtype: torch.dtype | None = None,
+                      read=None) -> LoraAdapter:
+    """Load a peft LoRA folder. Only safetensors are read: a pickle file is never executed. `read`: a callable
+    `read(path) -> {key: tensor}` for `adapter_model.safetensors` (say, views of a memory map); default: every
+    tensor read into memory through safetensors."""
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     weights_path = folder / "adapter_model.safetensors"
@@ -72,11 +75,14 @@ def load_peft_adapter(folder: str | Path, name: str, *, dtype: torch.dtype | Non
             raise AdapterDataError(f"{folder}: {flag}=true is not supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise AdapterDataError(f"{folder}: per-module rank_pattern / alpha_pattern are not supported")
-    state = {}
-    with safe_open(weights_path, framework="pt") as f:
-        for key in f.keys():
-            t = f.get_tensor(key)
-            state[key] = t.to(dtype) if dtype is not None else t
+    if read is not None:
+        state = {k: t.to(dtype) if dtype is not None else t for k, t in read(weights_path).items()}
+    else:
+        state = {}
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                state[key] = t.to(dtype) if dtype is not None else t
     r = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", r))
     if cfg.get("use_rslora"):

@@ -61,10 +61,25 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype, device: str | torch
         try:
             # in the model's dtype: the layers use these very tensors (no second copy of every adapter in memory),
             # and `save_pretrained` writes them as it writes the base, in the dtype the model was loaded in
-            adapters[name] = load_peft_adapter(folder, name, dtype=dtype if dtype.is_floating_point else None)
+            adapters[name] = load_peft_adapter(folder, name, dtype=dtype if dtype.is_floating_point else None,
+                                               read=mapped_tensors)
         except AdapterDataError as e:
             raise AdapterError(str(e)) from e
     return Loaded(hf, adapters, meta, layout)
+
+
+def mapped_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file as views of memory maps (`MappedShards`): nothing is read until used,
+    and a tensor in the wanted dtype stays the file's pages, which a packed copy can give back."""
+    from .formats.check import list_tensors
+    from .formats.shards import MappedShards
+
+    infos, problems, _ = list_tensors(Path(file).parent)
+    infos = {k: i for k, i in infos.items() if Path(i.file) == Path(file)}
+    if problems or not infos:
+        raise AdapterDataError(f"{file}: cannot read its tensors: {'; '.join(problems) or 'none found'}")
+    shards = MappedShards(infos)
+    return {k: shards.get(k) for k in infos}
 
 
 def report_mismatch(path: Path, model: torch.nn.Module, info: dict) -> None:

@@ -100,6 +100,10 @@ def make_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, lora_ranks: dict
             peft_model = get_peft_model(model, lcfg, adapter_name=name)
         else:
             peft_model.add_adapter(name, lcfg)
+    # peft keeps adapters in fp32 beside a lower-precision base; the published checkpoint stores them in its dtype
+    for n, p in peft_model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtype)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         for name in ranks:
