@@ -49,11 +49,15 @@ def test_tied_head_of_a_mapped_bf16_checkpoint_is_packed(tmp_path):
     from phimm.quant import PackedLinear
     from phimm.testing import make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
+    ckpt = make_tiny_checkpoint(tmp_path / "bf16", seed=3, dtype=torch.bfloat16, lora_ranks={"vision": 64, "speech": 48})
     plain = phimm.load(ckpt, dtype="bfloat16", pack_weights=False)
     packed = phimm.load(ckpt, dtype="bfloat16", pack_weights=True)
     emb = packed.model.hf.get_input_embeddings().weight
     assert file_backed(emb) and isinstance(packed.model.hf.lm_head, PackedLinear)
+    # the adapters are stored in bf16 too: the layers hold views of the file, not copies
+    factors = [t for m in packed.model._targets.values() for t in m.lora_a + m.lora_b if t is not None]
+    paged = [t for t in factors if t.numel() * 2 >= 2 * 4096]  # holding a whole page wherever they start
+    assert paged and all(t.dtype == torch.bfloat16 and file_backed(t) for t in paged)
     for req in _reqs():
         a = plain(req, max_new_tokens=4, output_logits=True)
         b = packed(req, max_new_tokens=4, output_logits=True)
