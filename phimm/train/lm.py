@@ -243,11 +243,44 @@ def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True, spoken: dic
     return out
 
 
+# the skills the slot binding is made of: a question's answer read from the right one of several shapes
+SKILLS = ("by_color", "by_shape", "is_there")
+
+
+def eval_skills(hf, opts: Options, vocab: Vocab, n: int = 48) -> dict[str, float]:
+    """The share of written image questions answered right (every answer token, teacher forced) per skill, on
+    fixed scenes of two or three shapes: "by_color" (what shape is the {colour} one: find the shape by its
+    colour), "by_shape" (what color is the {shape}: by its shape), "is_there" (a colour and a shape bound
+    together; half "yes", half "no"). With one shape in the scene every answer is read off the only shape there
+    is, so a LM that has not found the binding answers those right and these at chance."""
+    out = {}
+    qtypes = {"by_color": "what_shape", "by_shape": "what_color", "is_there": "is_there"}
+    with torch.no_grad():
+        for skill in SKILLS:
+            rng = random.Random(f"phimm-train:lm:skills:{opts.seed}:{skill}")
+            right = 0
+            for k in range(n):
+                scene = random_layout_scene(rng)
+                while len(scene.shapes) < 2 or qtypes[skill] not in domain.available_question_types(scene):
+                    scene = random_layout_scene(rng)
+                q = domain.question_for_scene(rng, scene, qtypes[skill],
+                                              answer=("yes", "no")[k % 2] if skill == "is_there" else None,
+                                              near=opts.lm_near_no)
+                g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
+                cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
+                ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
+                _, acc = run_loss(hf, [(ids + vocab.answer(q.answer), len(ids), [], None)], vocab)
+                right += acc == 1.0
+            out[skill] = round(right / n, 3)
+    return out
+
+
 def periodic_eval(stage, hf, opts: Options, vocab, step: int) -> None:
-    """Every `lm_eval_every` steps: the task accuracies in the log (not after the last step: `end` has them)."""
+    """Every `lm_eval_every` steps: the task accuracies and the binding's skills (`eval_skills`) in the log (not
+    after the last step: `end` has them)."""
     done = step + 1
     if opts.lm_eval_every and done % opts.lm_eval_every == 0 and done < opts.lm_steps:
-        stage.log(event="eval", step=done, eval_acc=eval_acc(hf, opts, vocab))
+        stage.log(event="eval", step=done, eval_acc=eval_acc(hf, opts, vocab), skills=eval_skills(hf, opts, vocab))
 
 
 def binding_step(log_path, threshold: float = 0.9) -> int | None:
@@ -299,7 +332,7 @@ def run(run_dir, opts: Options) -> None:
                checkpoint={"model": hf}, timer=timer,
                after_step=lambda step: periodic_eval(stage, hf, opts, vocab, step))
     final = eval_acc(hf, opts, vocab)
-    stage.log(event="end", eval_acc=final)
+    stage.log(event="end", eval_acc=final, skills=eval_skills(hf, opts, vocab))
     hf.requires_grad_(False)
     with torch.no_grad():  # bake the parametrisation in: the saved (tied) embeddings are the ones trained
         hf.model.embed_tokens.weight.copy_(compound_table(hf, vocab))
