@@ -316,6 +316,9 @@ def run(run_dir, opts: Options) -> None:
     vocab = Vocab(tok, cfg)
     torch.manual_seed(opts.seed)
     hf = bidirectional_vision(Phi4MultimodalForCausalLM(cfg).eval())
+    if opts.lm_cell_own_init != 1.0:
+        with torch.no_grad():  # (after the model's init: every other weight draws as before)
+            hf.model.embed_tokens.weight[torch.tensor(vocab.cells[1:])] *= opts.lm_cell_own_init
     params = [p for n, p in hf.named_parameters() if not n.startswith("model.embed_tokens_extend.")]
     for n, p in hf.named_parameters():
         p.requires_grad_(not n.startswith("model.embed_tokens_extend."))

@@ -55,6 +55,10 @@ class Options:
     # domain's generator: 0.5)
     lm_near_no: float = 0.8
     lm_mix_floor: float = 0.35  # the faintest a soft word / cell token is made in LM pretraining
+    # each scene-cell token is its own vector + E[colour] + E[shape] (`lm.compound_table`); its own vector starts
+    # at this multiple of its random init. 0: a cell starts as exactly its two words, so the LM's word-matching
+    # finds a shape by its colour or a colour by its shape from the start
+    lm_cell_own_init: float = 1.0
     lm_first: str = "asr:1000"  # single-skill phases before the task mix, e.g. "asr:1000,vqa:800" (lm.phases)
     lm_mixed_batches: bool = False  # one task per example instead of per batch
     # the LM stages run a batch as this many parts of rows of similar length (less padding; the loss is the
@@ -142,7 +146,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "vision_hidden", "vision_layers", "audio_hidden", "audio_blocks", "audio_conv_channels", "crop", "patch",
               "lora_r"),
     "lm": ("lm_steps", "lm_compile", "lm_batch", "lm_lr", "lm_weight_decay", "lm_task_weights", "lm_question_weights",
-           "lm_near_no", "lm_mix_floor", "lm_first", "lm_mixed_batches", "lm_chunks",
+           "lm_near_no", "lm_mix_floor", "lm_cell_own_init", "lm_first", "lm_mixed_batches", "lm_chunks",
            "lm_eval_every"),
     "lm_anneal": ("lm_anneal_steps", "lm_anneal_lr", "lm_anneal_task_weights", "lm_anneal_word_frames",
                   "lm_anneal_spoken"),
