@@ -25,13 +25,13 @@ SIZES = {
     # the reference measurement: ~209M parameters
     "209m": dict(hidden=1024, layers=12, heads=16, kv_heads=4, intermediate=3584, vision_hidden=256,
                  vision_layers=4, audio_hidden=256, audio_blocks=4, lora=64, vocab=32000, image=(640, 480),
-                 audio_s=4.0, new=32),
+                 audio_s=4.0, new=32, ckpt_dtype=torch.bfloat16),
     # Phi-4-multimodal's published widths (24 query / 8 KV heads of 128, SigLIP 1152 x 27, conformer 1024 x 24,
     # LoRA r=256) with 2 decoder layers: long-context decode attention at full width (`--decode-attention`)
     "full-width": dict(hidden=3072, layers=2, heads=24, kv_heads=8, intermediate=8192, vision_hidden=1152,
                        vision_layers=27, audio_hidden=1024, audio_blocks=24, lora=256, vocab=200064,
                        image=(640, 480), audio_s=4.0, new=16, ckpt_dtype=torch.bfloat16,
-                       mixed=False, decode_attention=False, route_repeats=1),
+                       mixed=False, decode_attention=False, route_repeats=2),
     # the published model's size (32 decoder layers): about 11 GB of bf16 weights, for machines with the memory
     "full": dict(hidden=3072, layers=32, heads=24, kv_heads=8, intermediate=8192, vision_hidden=1152,
                  vision_layers=27, audio_hidden=1024, audio_blocks=24, lora=256, vocab=200064,
@@ -119,14 +119,18 @@ def make_checkpoint(size: str, root: Path) -> Path:
 
     spec = SIZES[size]
     ckpt = root / f"bench-{size}"
+    dtype = spec.get("ckpt_dtype", torch.float32)
     if (ckpt / "config.json").is_file() and (ckpt / "speech-lora").is_dir():
-        return ckpt
+        written = json.loads((ckpt / "config.json").read_text()).get("dtype") or json.loads(
+            (ckpt / "config.json").read_text()).get("torch_dtype")
+        if written == str(dtype).removeprefix("torch."):
+            return ckpt  # (a checkpoint of another dtype, as the published one's, is written again)
     overrides = {k: spec[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vision_hidden",
                                       "vision_layers", "audio_hidden", "audio_blocks")}
     if spec["vocab"]:
         overrides["vocab_size"] = spec["vocab"]
     make_tiny_checkpoint(ckpt, seed=0, lora_ranks={"vision": spec["lora"], "speech": spec["lora"]},
-                         dtype=spec.get("ckpt_dtype", torch.float32), **overrides)
+                         dtype=dtype, **overrides)
     return ckpt
 
 
