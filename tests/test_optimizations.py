@@ -18,6 +18,16 @@ def _reqs():
             phimm.Request(prompt="<|image|><|audio|>what", images=[img], audios=[aud])]
 
 
+def _assert_same_outputs(plain, packed):
+    """On every route: the same greedy tokens, and first-step logits within bf16 rounding."""
+    for req in _reqs():
+        a = plain(req, max_new_tokens=4, output_logits=True)
+        b = packed(req, max_new_tokens=4, output_logits=True)
+        scale = a.logits[0].abs().max().item()
+        assert (a.logits[0] - b.logits[0]).abs().max().item() <= 0.02 * scale + 1e-2
+        assert a.token_ids[0] == b.token_ids[0]
+
+
 @pytest.fixture(scope="module")
 def bf16_pair(tiny_ckpt):
     plain = phimm.load(tiny_ckpt, dtype="bfloat16", pack_weights=False)
@@ -29,12 +39,7 @@ def test_packed_bf16_matches_plain_bf16(bf16_pair):
     plain, packed = bf16_pair
     targets = packed.model._targets.values()
     assert packed.model.weight_format == "packed" and plain.model.weight_format == "dense"
-    for req in _reqs():
-        a = plain(req, max_new_tokens=4, output_logits=True)
-        b = packed(req, max_new_tokens=4, output_logits=True)
-        scale = a.logits[0].abs().max().item()
-        assert (a.logits[0] - b.logits[0]).abs().max().item() <= 0.02 * scale + 1e-2
-        assert a.token_ids[0] == b.token_ids[0]
+    _assert_same_outputs(plain, packed)
     packed_layers = [m.base_format for m in targets if isinstance(m.base_format, PackedWeight)]
     assert packed_layers and not any(f.pending for f in packed_layers)
     # the single-route requests ran their adapters' own factors packed too (the tiny adapters' B is non-zero)
@@ -58,12 +63,7 @@ def test_tied_head_of_a_mapped_bf16_checkpoint_is_packed(tmp_path):
     factors = [t for m in packed.model._targets.values() for t in m.lora_a + m.lora_b if t is not None]
     paged = [t for t in factors if t.numel() * 2 >= 2 * 4096]  # holding a whole page wherever they start
     assert paged and all(t.dtype == torch.bfloat16 and file_backed(t) for t in paged)
-    for req in _reqs():
-        a = plain(req, max_new_tokens=4, output_logits=True)
-        b = packed(req, max_new_tokens=4, output_logits=True)
-        scale = a.logits[0].abs().max().item()
-        assert (a.logits[0] - b.logits[0]).abs().max().item() <= 0.02 * scale + 1e-2
-        assert a.token_ids[0] == b.token_ids[0]
+    _assert_same_outputs(plain, packed)
     assert not packed.model.hf.lm_head.base_format.pending
     assert torch.equal(emb, plain.model.hf.get_input_embeddings().weight)  # read again from the file
 
