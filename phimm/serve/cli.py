@@ -152,6 +152,9 @@ def cmd_serve_ray(args) -> int:
     # Ray's processes inherit this environment
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "phimm.serve.ray_serve:proxy_middlewares")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Serve gives its HTTP proxy 5 s to report ready, three times, then kills it: on a loaded machine its start
+    # (which imports phimm's proxy middleware) takes longer, and the application never starts
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     cpus = max(os.cpu_count() or 1, args.replicas * ray_args["threads_per_replica"])
 
     def on_term(signum, frame):
