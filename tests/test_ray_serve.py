@@ -394,7 +394,7 @@ def test_replica_death_fails_or_retries_and_ray_replaces_it(server):
     assert len(pids) == 2, pids
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
     # enough plain requests that the load-aware router puts some on both replicas, whichever is killed
-    threads += [threading.Thread(target=post, args=(i,)) for i in range(12)]
+    threads += [threading.Thread(target=post, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
     for _ in range(3):
