@@ -147,17 +147,10 @@ def release_file_pages(t: torch.Tensor) -> int:
     such as a weight whose packed copy has replaced it. Anonymous memory (a tensor not read from a mapped file) is
     left alone, as are pages that reach outside `t`. Returns the bytes released (0 where unsupported)."""
     libc = _libc_mmap()
-    if libc is None or t.device.type != "cpu" or t.numel() == 0:
+    span = _whole_pages(t)
+    if libc is None or span is None or not _file_backed(*span):
         return 0
-    import mmap
-
-    page = mmap.PAGESIZE
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    lo = (start + page - 1) // page * page
-    hi = end // page * page
-    if hi <= lo or not _file_backed(lo, hi):
-        return 0
+    lo, hi = span
     MADV_DONTNEED = 4
     return hi - lo if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
 
@@ -165,15 +158,21 @@ def release_file_pages(t: torch.Tensor) -> int:
 def file_backed(t: torch.Tensor) -> bool:
     """Whether all of `t`'s whole pages lie in one private mapping of a regular file: a weight read lazily from
     a memory-mapped checkpoint, whose pages `release_file_pages` can give back."""
+    span = _whole_pages(t)
+    return span is not None and _file_backed(*span)
+
+
+def _whole_pages(t: torch.Tensor) -> tuple[int, int] | None:
+    """[lo, hi): the addresses of the pages lying wholly inside a CPU tensor's bytes; None where there are none."""
     if t.device.type != "cpu" or t.numel() == 0:
-        return False
+        return None
     import mmap
 
     page = mmap.PAGESIZE
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     lo, hi = (start + page - 1) // page * page, end // page * page
-    return hi > lo and _file_backed(lo, hi)
+    return (lo, hi) if hi > lo else None
 
 
 def _file_backed(lo: int, hi: int) -> bool:
