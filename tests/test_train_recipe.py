@@ -254,6 +254,39 @@ def test_lm_batch_schedule():
     assert set(sum((tasks(no_asr, step) for step in range(4)), [])) == {"vqa", "svqa", "text"}
 
 
+def test_lm_bind_phase(monkeypatch):
+    """A `bind` phase of `lm_first` asks written questions of the types `lm_bind_questions` names, about scenes of
+    two or three shapes only, every answer right."""
+    import random
+
+    from phimm.toy import domain
+    from phimm.train import lm
+    from phimm.train.common import Options, Vocab, build_config, build_tokenizer
+
+    small = {"lm_hidden": 32}
+    tok = build_tokenizer(Options(**small))
+    vocab = Vocab(tok, build_config(tok, Options(**small)))
+    drawn = []
+
+    def spy(rng, faint=0.0, n_shapes=None):
+        drawn.append(real(rng, faint, n_shapes))
+        return drawn[-1]
+
+    real = lm.random_layout_scene
+    monkeypatch.setattr(lm, "random_layout_scene", spy)
+    opts = Options(**small, lm_first="bind:2", lm_bind_questions="what_shape:1")
+    assert lm.phases(opts)[0] == (("bind",), 2)
+    assert all("what shape is the" in tok.decode(ids) for step in range(2) for ids, *_ in lm.batch(step, opts, vocab, 8))
+    rng = random.Random(0)
+    for _ in range(24):
+        ids, n, _, _ = lm.make_example(rng, "bind", vocab, opts)
+        prompt, answer = tok.decode(ids[:n]), tok.decode(ids[n:], skip_special_tokens=True).strip()
+        assert set(vocab.cells) & set(ids) and domain.SPOKEN_VQA_INSTRUCTION not in prompt  # written
+        colour = prompt.split("what shape is the ")[1].split()[0]
+        assert len(drawn[-1].shapes) >= 2
+        assert answer == domain.answer_question(drawn[-1], f"what shape is the {colour} one")
+
+
 def test_lm_question_and_task_weights():
     """`lm_question_weights` draws scene question types by weight (unnamed types weigh 1), every answer right
     (near "no" questions included); malformed weight

@@ -9,14 +9,15 @@ from . import domain
 from .images import random_scene
 
 
-def random_layout_scene(rng: random.Random, faint: float = 0.0) -> domain.Scene:
+def random_layout_scene(rng: random.Random, faint: float = 0.0, n_shapes: int | None = None) -> domain.Scene:
     """A toy-domain scene, square half of the time, else on a canvas widened or heightened (still 96..256); with
-    probability `faint` one with a white shape on a light background (the hardest shapes to see)."""
+    probability `faint` one with a white shape on a light background (the hardest shapes to see); `n_shapes`:
+    1..3 (None: drawn uniformly)."""
     side = rng.randint(96, 256)
     if faint and rng.random() < faint:
-        scene = random_scene(rng, size=side, white_background=False, white_shape=1.0)
+        scene = random_scene(rng, size=side, n_shapes=n_shapes, white_background=False, white_shape=1.0)
     else:
-        scene = random_scene(rng, size=side)
+        scene = random_scene(rng, size=side, n_shapes=n_shapes)
     return scene if rng.random() < 0.5 else widen(rng, scene)
 
 

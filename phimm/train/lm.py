@@ -25,6 +25,9 @@ from .common import (AnswerBody, Options, bidirectional_vision, Stage, Timer, Vo
 from .trainer import train_loop, with_acc
 
 TASKS = ("asr", "vqa", "svqa", "text")
+# tasks an `lm_first` phase may also name: "bind", written image questions on scenes of two or three shapes only,
+# of the types `lm_bind_questions` weighs (each answer read from the right one of several shapes)
+PHASE_TASKS = TASKS + ("bind",)
 
 
 @functools.lru_cache(maxsize=None)  # parsed once per option string, not per example
@@ -80,13 +83,19 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
         ids = _fill(ids, vocab.audio, frames)
         answer = text
         mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
-    elif task in ("vqa", "svqa"):
-        scene = random_layout_scene(rng)
-        q = scene_question(rng, scene, weights(opts.lm_question_weights, domain.QUESTION_TYPES, 1.0),
-                           opts.lm_near_no)
+    elif task in ("vqa", "svqa", "bind"):
+        if task == "bind":
+            qw = weights(opts.lm_bind_questions, domain.QUESTION_TYPES, 0.0)
+            scene = random_layout_scene(rng, n_shapes=rng.randint(2, 3))
+            while not any(qw[t] for t in domain.available_question_types(scene)):
+                scene = random_layout_scene(rng, n_shapes=rng.randint(2, 3))
+        else:
+            qw = weights(opts.lm_question_weights, domain.QUESTION_TYPES, 1.0)
+            scene = random_layout_scene(rng)
+        q = scene_question(rng, scene, qw, opts.lm_near_no)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
-        if task == "vqa":
+        if task in ("vqa", "bind"):
             ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
         elif spoken and q.text in spoken:
             soft = rng.choice(spoken[q.text])
@@ -130,8 +139,8 @@ def phases(opts: Options) -> list[tuple[tuple[str, ...], int]]:
     for part in filter(None, (p.strip() for p in opts.lm_first.split(","))):
         name, _, steps = part.partition(":")
         tasks = tuple(name.split("+"))
-        if not steps.isdigit() or any(t not in TASKS for t in tasks):
-            raise ValueError(f"lm_first: {part!r} is not task[+task...]:steps with tasks from {TASKS}")
+        if not steps.isdigit() or any(t not in PHASE_TASKS for t in tasks):
+            raise ValueError(f"lm_first: {part!r} is not task[+task...]:steps with tasks from {PHASE_TASKS}")
         out.append((tasks, int(steps)))
     return out
 
