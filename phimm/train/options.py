@@ -66,9 +66,10 @@ class Options:
     lm_bind_questions: str = "what_shape:1,what_color:1"
     # single-skill phases before the task mix (lm.phases): transcription alone, then the slot binding alone (written
     # questions on scenes of two or three shapes, each answer read from the right shape: `bind`). Without the
-    # `bind` phase the LM found a shape by its colour at step 3500, 7000 or never (seeds 2, 1, 0); with it, seed 0
-    # had it at step 1500 and all three skills of the binding by 3500 (LM stage alone, `lm.eval_skills`)
-    lm_first: str = "asr:1000,bind:600"
+    # `bind` phase the LM found a shape by its colour at step 3500, 7000 or never (seeds 2, 1, 0). With 600 `bind`
+    # steps the LM found one direction in it (colour -> shape), the other late; with 2000 both, seeds 1 and 2 by
+    # step 3000 (LM stage alone, `lm.eval_skills`)
+    lm_first: str = "asr:1000,bind:2000"
     lm_mixed_batches: bool = False  # one task per example instead of per batch
     # the LM stages run a batch as this many parts of rows of similar length (less padding; the loss is the
     # batch's mean over its answer tokens all the same)
@@ -175,7 +176,7 @@ PRESETS: dict[str, dict] = {
     "full": {},
     # the shipped model's sizes and task mix with a quarter of every stage's steps (about a quarter of the time):
     # for comparing seeds and option changes before a full run (`python -m phimm.train.seeds`)
-    "reduced": dict(lm_steps=2900, lm_first="asr:250,bind:150", lm_anneal_steps=400, ctc_steps=750, proj_steps=400,
+    "reduced": dict(lm_steps=2900, lm_first="asr:250,bind:500", lm_anneal_steps=400, ctc_steps=750, proj_steps=400,
                     speech_e2e_steps=150, cell_steps=3400, vision_e2e_steps=250, vs_steps=250, eval_asr=90,
                     eval_vqa=100, eval_svqa=90, eval_text=30),
     # the end-to-end test: a few hundred samples, tiny steps
