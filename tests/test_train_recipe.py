@@ -256,7 +256,7 @@ def test_lm_batch_schedule():
 
 def test_lm_bind_phase(monkeypatch):
     """A `bind` phase of `lm_first` asks written questions of the types `lm_bind_questions` names, about scenes of
-    two or three shapes only, every answer right."""
+    two or three shapes only, every answer right; an `sbind` phase the same questions spoken."""
     import random
 
     from phimm.toy import domain
@@ -285,6 +285,17 @@ def test_lm_bind_phase(monkeypatch):
         colour = prompt.split("what shape is the ")[1].split()[0]
         assert len(drawn[-1].shapes) >= 2
         assert answer == domain.answer_question(drawn[-1], f"what shape is the {colour} one")
+    # "sbind": the same questions spoken (synthetic frames in the audio placeholders)
+    o = Options(**small, lm_first="sbind:2", lm_bind_questions="what_color:1")
+    assert lm.phases(o)[0] == (("sbind",), 2)
+    for _ in range(12):
+        ids, n, _, _ = lm.make_example(rng, "sbind", vocab, o)
+        assert domain.SPOKEN_VQA_INSTRUCTION in tok.decode(ids[:n]) and vocab.blank in ids  # frames: words, blanks
+        assert len(drawn[-1].shapes) >= 2 and "what color is the" not in tok.decode(ids[:n])
+    # the anneal's mix may name them too (a task not named weighs 0)
+    annealed = lm.anneal_batch(0, Options(**small, lm_anneal_task_weights="bind:1"), vocab, 6)
+    assert all(domain.SPOKEN_VQA_INSTRUCTION not in tok.decode(ids) and set(vocab.cells) & set(ids)
+               for ids, *_ in annealed)
 
 
 def test_lm_question_and_task_weights():

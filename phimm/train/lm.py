@@ -26,8 +26,9 @@ from .trainer import train_loop, with_acc
 
 TASKS = ("asr", "vqa", "svqa", "text")
 # tasks an `lm_first` phase may also name: "bind", written image questions on scenes of two or three shapes only,
-# of the types `lm_bind_questions` weighs (each answer read from the right one of several shapes)
-PHASE_TASKS = TASKS + ("bind",)
+# of the types `lm_bind_questions` weighs (each answer read from the right one of several shapes); "sbind", the
+# same questions spoken (synthetic frames, as `svqa`)
+PHASE_TASKS = TASKS + ("bind", "sbind")
 
 
 @functools.lru_cache(maxsize=None)  # parsed once per option string, not per example
@@ -83,8 +84,8 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
         ids = _fill(ids, vocab.audio, frames)
         answer = text
         mix = _mix_positions(rng, ids, vocab, bound=opts.lm_mix_floor)
-    elif task in ("vqa", "svqa", "bind"):
-        if task == "bind":
+    elif task in ("vqa", "svqa", "bind", "sbind"):
+        if task in ("bind", "sbind"):
             qw = weights(opts.lm_bind_questions, domain.QUESTION_TYPES, 0.0)
             scene = random_layout_scene(rng, n_shapes=rng.randint(2, 3))
             while not any(qw[t] for t in domain.available_question_types(scene)):
@@ -95,7 +96,9 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
         q = scene_question(rng, scene, qw, opts.lm_near_no)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
-        if task in ("vqa", "bind"):
+        if task in ("bind", "sbind"):
+            task = "vqa" if task == "bind" else "svqa"
+        if task == "vqa":
             ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
         elif spoken and q.text in spoken:
             soft = rng.choice(spoken[q.text])
@@ -252,20 +255,23 @@ def eval_acc(hf, opts: Options, vocab: Vocab, compound: bool = True, spoken: dic
     return out
 
 
-# the skills the slot binding is made of: a question's answer read from the right one of several shapes
+# the skills the slot binding is made of: a question's answer read from the right one of several shapes; each
+# asked in writing and spoken (synthetic frames: `noisy_frames`)
 SKILLS = ("by_color", "by_shape", "is_there")
 
 
 def eval_skills(hf, opts: Options, vocab: Vocab, n: int = 48) -> dict[str, float]:
-    """The share of written image questions answered right (every answer token, teacher forced) per skill, on
-    fixed scenes of two or three shapes: "by_color" (what shape is the {colour} one: find the shape by its
-    colour), "by_shape" (what color is the {shape}: by its shape), "is_there" (a colour and a shape bound
-    together; half "yes", half "no"). With one shape in the scene every answer is read off the only shape there
-    is, so a LM that has not found the binding answers those right and these at chance."""
+    """The share of image questions answered right (every answer token, teacher forced) per skill, on fixed
+    scenes of two or three shapes: "by_color" (what shape is the {colour} one: find the shape by its colour),
+    "by_shape" (what color is the {shape}: by its shape), "is_there" (a colour and a shape bound together; half
+    "yes", half "no"), written, and spoken as "{skill}_spoken" (the question as synthetic CTC frames). With one
+    shape in the scene every answer is read off the only shape there is, so a LM that has not found the binding
+    answers those right and these at chance."""
     out = {}
     qtypes = {"by_color": "what_shape", "by_shape": "what_color", "is_there": "is_there"}
     with torch.no_grad():
-        for skill in SKILLS:
+        for skill in SKILLS + tuple(f"{k}_spoken" for k in SKILLS):
+            spoken, skill = skill.endswith("_spoken"), skill.removesuffix("_spoken")
             rng = random.Random(f"phimm-train:lm:skills:{opts.seed}:{skill}")
             right = 0
             for k in range(n):
@@ -277,10 +283,15 @@ def eval_skills(hf, opts: Options, vocab: Vocab, n: int = 48) -> dict[str, float
                                               near=opts.lm_near_no)
                 g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
                 cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
-                ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
+                if spoken:
+                    frames = noisy_frames(rng, q.text, vocab)
+                    ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=len(frames))
+                    ids = _fill(_fill(ids, vocab.image, cells), vocab.audio, frames)
+                else:
+                    ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
                 _, acc = run_loss(hf, [(ids + vocab.answer(q.answer), len(ids), [], None)], vocab)
                 right += acc == 1.0
-            out[skill] = round(right / n, 3)
+            out[skill + ("_spoken" if spoken else "")] = round(right / n, 3)
     return out
 
 
@@ -357,10 +368,10 @@ def run(run_dir, opts: Options) -> None:
 
 
 def anneal_batch(step: int, opts: Options, vocab: Vocab, size: int, spoken: dict | None = None):
-    """Step `step`'s examples of the `lm_anneal` stage: one task per batch from `lm_anneal_task_weights`; spoken
-    questions from `spoken` (`spoken_pool`) where it holds them."""
+    """Step `step`'s examples of the `lm_anneal` stage: one task per batch from `lm_anneal_task_weights` (of
+    `PHASE_TASKS`; a task not named weighs 0); spoken questions from `spoken` (`spoken_pool`) where it holds them."""
     rng = random.Random(f"phimm-train:lm_anneal:{opts.seed}:{step}")
-    task = rng.choices(TASKS, list(weights(opts.lm_anneal_task_weights, TASKS).values()))[0]
+    task = rng.choices(PHASE_TASKS, list(weights(opts.lm_anneal_task_weights, PHASE_TASKS, 0.0).values()))[0]
     return [make_example(rng, task, vocab, opts, word_frames(opts.lm_anneal_word_frames), spoken)
             for _ in range(size)]
 
@@ -434,7 +445,7 @@ def run_anneal(run_dir, opts: Options) -> None:
         stage.log(event="skipped", reason="lm_anneal_steps is 0")
         stage.finish(wall_s=0.0, steps=0)
         return
-    weights(opts.lm_anneal_task_weights, TASKS)
+    weights(opts.lm_anneal_task_weights, PHASE_TASKS, 0.0)
     word_frames(opts.lm_anneal_word_frames)
     spoken = load_pool(run_dir, opts)
     hf, proc = load_base(run_dir)  # lm/base: this stage has not finished
