@@ -292,6 +292,18 @@ def test_lm_bind_phase(monkeypatch):
         ids, n, _, _ = lm.make_example(rng, "sbind", vocab, o)
         assert domain.SPOKEN_VQA_INSTRUCTION in tok.decode(ids[:n]) and vocab.blank in ids  # frames: words, blanks
         assert len(drawn[-1].shapes) >= 2 and "what color is the" not in tok.decode(ids[:n])
+    # `lm_bind_fillers`: up to that many filler words at random places; the question's own words and answer stay
+    o = Options(**small, lm_first="bind:2", lm_bind_questions="what_shape:1", lm_bind_fillers=3)
+    extra = set()
+    for _ in range(24):
+        ids, n, _, _ = lm.make_example(rng, "bind", vocab, o)
+        words = tok.decode(ids[:n]).split("[row]")[-1].split("<|end|>")[0].split()
+        colour = next(w for w in words if w in domain.COLOR_NAMES)
+        assert tok.decode(ids[n:], skip_special_tokens=True).strip() == domain.answer_question(
+            drawn[-1], f"what shape is the {colour} one")
+        assert [w for w in words if w not in lm.FILLERS] == ["what", "shape", colour, "one"]
+        extra.add(len(words) - 6)
+    assert extra <= {0, 1, 2, 3} and len(extra) > 1
     # the anneal's mix may name them too (a task not named weighs 0)
     annealed = lm.anneal_batch(0, Options(**small, lm_anneal_task_weights="bind:1"), vocab, 6)
     assert all(domain.SPOKEN_VQA_INSTRUCTION not in tok.decode(ids) and set(vocab.cells) & set(ids)

@@ -29,6 +29,7 @@ TASKS = ("asr", "vqa", "svqa", "text")
 # of the types `lm_bind_questions` weighs (each answer read from the right one of several shapes); "sbind", the
 # same questions spoken (synthetic frames, as `svqa`)
 PHASE_TASKS = TASKS + ("bind", "sbind")
+FILLERS = ("a", "the", "is", "and")  # words `lm_bind_fillers` puts into a `bind` question
 
 
 @functools.lru_cache(maxsize=None)  # parsed once per option string, not per example
@@ -96,10 +97,16 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
         q = scene_question(rng, scene, qw, opts.lm_near_no)
         g = hd_geometry(scene.width, scene.height, opts.crop, opts.patch)
         cells = grid_tokens(slot_grid(scene, g["f"]), g["uh"], g["uw"], vocab)
+        text = q.text
         if task in ("bind", "sbind"):
+            if task == "bind" and opts.lm_bind_fillers:  # the words' places vary: each word must be found by what it is
+                words = text.split()
+                for _ in range(rng.randint(0, opts.lm_bind_fillers)):
+                    words.insert(rng.randint(0, len(words)), rng.choice(FILLERS))
+                text = " ".join(words)
             task = "vqa" if task == "bind" else "svqa"
         if task == "vqa":
-            ids = _fill(vocab.prompt(q.text, n_image=len(cells)), vocab.image, cells)
+            ids = _fill(vocab.prompt(text, n_image=len(cells)), vocab.image, cells)
         elif spoken and q.text in spoken:
             soft = rng.choice(spoken[q.text])
             ids = vocab.prompt(domain.SPOKEN_VQA_INSTRUCTION, n_image=len(cells), n_audio=soft.shape[0])

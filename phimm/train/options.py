@@ -64,6 +64,9 @@ class Options:
     # the question types of the `bind` and `sbind` tasks an `lm_first` phase may name (lm.PHASE_TASKS; name:weight,
     # a type not named weighs 0)
     lm_bind_questions: str = "what_shape:1,what_color:1"
+    # each written `bind` question gets 0..this many filler words ("a", "the", ...) at random places, so that no
+    # word of it sits at a fixed distance from the answer (0: none)
+    lm_bind_fillers: int = 0
     # single-skill phases before the task mix (lm.phases), e.g. "asr:1000,bind:2000": transcription alone, then the
     # slot binding alone (`bind`: written questions on scenes of two or three shapes, each answer read from the
     # right shape; `sbind`: the same spoken). `bind:2000` makes every seed find the written binding by step 3000
@@ -159,8 +162,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "vision_hidden", "vision_layers", "audio_hidden", "audio_blocks", "audio_conv_channels", "crop", "patch",
               "lora_r"),
     "lm": ("lm_steps", "lm_compile", "lm_batch", "lm_lr", "lm_weight_decay", "lm_task_weights", "lm_question_weights",
-           "lm_near_no", "lm_mix_floor", "lm_cell_own_init", "lm_bind_questions", "lm_first",
-           "lm_mixed_batches", "lm_chunks", "lm_eval_every"),
+           "lm_near_no", "lm_mix_floor", "lm_cell_own_init", "lm_bind_questions", "lm_bind_fillers",
+           "lm_first", "lm_mixed_batches", "lm_chunks", "lm_eval_every"),
     "lm_anneal": ("lm_anneal_steps", "lm_anneal_lr", "lm_anneal_task_weights", "lm_anneal_word_frames",
                   "lm_anneal_spoken"),
     "speech_encoder": ("asr_samples", "ctc_steps", "ctc_batch", "ctc_sortagrad_steps", "ctc_freq_warp"),
