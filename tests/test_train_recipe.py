@@ -276,7 +276,8 @@ def test_lm_bind_phase(monkeypatch):
     monkeypatch.setattr(lm, "random_layout_scene", spy)
     opts = Options(**small, lm_first="bind:2", lm_bind_questions="what_shape:1")
     assert lm.phases(opts)[0] == (("bind",), 2)
-    assert all("what shape is the" in tok.decode(ids) for step in range(2) for ids, *_ in lm.batch(step, opts, vocab, 8))
+    assert all("what shape is the" in tok.decode(ids)
+               for step in range(2) for ids, *_ in lm.batch(step, opts, vocab, 8))
     rng = random.Random(0)
     for _ in range(24):
         ids, n, _, _ = lm.make_example(rng, "bind", vocab, opts)
