@@ -423,3 +423,27 @@ def test_engine_worker_death_fails_open_requests_cleanly(tmp_path):
         assert r.status_code == 503 and error_of(r)["code"] == "engine_closed"
     finally:
         s.stop()
+
+
+def test_worker_messages_carry_tensors_as_bytes():
+    """The pipe between the HTTP process and the engine worker: tensors of every dtype the prepared requests hold
+    (and bf16, empty, 0-dim, non-contiguous) come back equal, in messages that hold no shared-memory handles."""
+    import pickle
+
+    import torch
+
+    from phimm.errors import ContextLengthError
+    from phimm.serve.worker import _dumps
+
+    tensors = [torch.randn(3, 5), torch.randn(4, 6)[:, ::2], torch.arange(7), torch.randn(2, 3).bfloat16(),
+               torch.zeros(0, 4), torch.tensor(3.5), torch.rand(2, 2) > 0.5, torch.randn(5, dtype=torch.float16)]
+    msg = ("submit", 7, {"t": tensors, "nested": [(tensors[0], "x")]}, ContextLengthError("too long"))
+    data = _dumps(msg)
+    assert b"rebuild_storage_fd" not in data and b"torch.multiprocessing" not in data
+    back = pickle.loads(data)
+    for a, b in zip(tensors, back[2]["t"]):
+        assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b)
+    assert torch.equal(back[2]["nested"][0][0], tensors[0])
+    back[2]["t"][0].add_(1)  # writable, and a copy
+    assert not torch.equal(back[2]["t"][0], tensors[0])
+    assert isinstance(back[3], ContextLengthError) and "too long" in str(back[3])

@@ -18,6 +18,7 @@ app serves either. If the worker dies, every open request ends with `EngineClose
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import multiprocessing
@@ -26,6 +27,9 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+import torch
+
 from ..engine import Delta, RequestStream
 from ..errors import EngineClosedError, PhimmError
 from ..types import Output
@@ -33,6 +37,41 @@ from ..types import Output
 log = logging.getLogger("phimm.serve.worker")
 
 STATS_EVERY_S = 0.25  # the worker sends the engine's counts at least this often while busy, and each second idle
+
+
+def _tensor_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    flat = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
+class _PlainPickler(pickle.Pickler):
+    """Tensors travel as their bytes, copied into the message. `Connection.send` would pickle them with torch's
+    reducers, which move every tensor's storage through shared memory: a socket connection, an authentication
+    handshake and a passed file descriptor per tensor, on both sides, costing more CPU than the copy of a
+    request's few hundred kilobytes."""
+
+    def reducer_override(self, obj):
+        if type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter:
+            t = obj.detach().contiguous().cpu()
+            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            return _tensor_from_bytes, (data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+        return NotImplemented
+
+
+def _dumps(msg) -> bytes:
+    buf = io.BytesIO()
+    _PlainPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(msg)
+    return buf.getvalue()
+
+
+def _send_msg(conn, msg) -> None:
+    conn.send_bytes(_dumps(msg))
+
+
+def _recv_msg(conn):
+    return pickle.loads(conn.recv_bytes())
 
 
 class EngineProcess:
@@ -56,7 +95,7 @@ class EngineProcess:
             self._proc.kill()
             raise EngineClosedError(f"the engine worker did not load the model in {startup_timeout_s:g} s")
         try:
-            kind, info = self._conn.recv()
+            kind, info = _recv_msg(self._conn)
         except EOFError:
             raise EngineClosedError(f"the engine worker exited while loading (exit code {self._proc.exitcode})") \
                 from None
@@ -123,13 +162,14 @@ class EngineProcess:
             pass
 
     def _send(self, msg) -> None:
+        data = _dumps(msg)
         with self._send_lock:
-            self._conn.send(msg)
+            self._conn.send_bytes(data)
 
     def _read(self) -> None:
         try:
             while True:
-                msg = self._conn.recv()
+                msg = _recv_msg(self._conn)
                 kind = msg[0]
                 if kind == "deltas":
                     if msg[2] is not None:
@@ -180,7 +220,7 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
         pipe = phimm.load(**kwargs)
         pipe.engine  # started before the first request
     except BaseException as e:  # noqa: BLE001 - sent to the HTTP process, which reports it
-        conn.send(("load_failed", e if isinstance(e, PhimmError) else EngineClosedError(f"{type(e).__name__}: {e}")))
+        _send_msg(conn, ("load_failed", e if isinstance(e, PhimmError) else EngineClosedError(f"{type(e).__name__}: {e}")))
         return
     try:  # the HTTP process prepares requests itself (on the other core) when the preparer pickles
         if getattr(pipe.router, "needs_features", False):
@@ -189,7 +229,7 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
     except Exception:  # noqa: BLE001 - a router that does not pickle, or needs the model: prepared here
         log.info("requests are prepared in the worker process (the router does not pickle or needs the model)")
         preparer = None
-    conn.send(("ready", {"name": pipe.name, "adapters": list(pipe.adapters), "max_context": pipe.engine.max_context,
+    _send_msg(conn, ("ready", {"name": pipe.name, "adapters": list(pipe.adapters), "max_context": pipe.engine.max_context,
                          "preparer": preparer}))
     outbox: list = []
     cond = threading.Condition()
@@ -198,8 +238,9 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
     stop = threading.Event()
 
     def send(msg) -> None:
+        data = _dumps(msg)
         with send_lock:
-            conn.send(msg)
+            conn.send_bytes(data)
 
     def sink_for(rid: int):
         def sink(delta: Delta) -> None:  # the engine's thread
@@ -233,7 +274,7 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
     try:
         while True:
             try:
-                msg = conn.recv()
+                msg = _recv_msg(conn)
             except (EOFError, OSError):  # the HTTP process is gone
                 break
             kind = msg[0]
