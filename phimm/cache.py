@@ -155,8 +155,10 @@ class BatchCache(PreallocatedCache):
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            if not keep:
-                layer.set_buffers(layer.key_buf[:0, :, :0], layer.value_buf[:0, :, :0], 0)
+            if not keep:  # fresh empty buffers: a view of the old ones would keep their memory
+                kb, vb = layer.key_buf, layer.value_buf
+                layer.set_buffers(kb.new_empty(0, kb.shape[1], 0, kb.shape[3]),
+                                  vb.new_empty(0, vb.shape[1], 0, vb.shape[3]), 0)
                 continue
             idx = torch.tensor(keep, device=layer.key_buf.device)
             k = layer.key_buf[:, :, old_width - width:old_width].index_select(0, idx)

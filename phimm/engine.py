@@ -405,6 +405,7 @@ class Engine:
                     t = time.perf_counter()
                     self.step(admitted)
                     self.busy_s += time.perf_counter() - t
+                    del admitted, cancelled  # their inputs (image crops, audio features) not kept while idle
         except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers waiting forever
             log.exception("the engine loop stopped")
             self._fail_all(EngineClosedError(f"the engine stopped on an internal error: {e!r}"))

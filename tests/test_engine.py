@@ -215,6 +215,32 @@ def test_batch_cache_joins_and_leaves_right_aligned():
     assert batch.width == 9 and torch.equal(batch.layers[0].keys[0, :, 5:8], b.layers[0].keys[1])
     batch.keep_rows([])
     assert batch.rows == 0 and batch.positions == 0
+    # an empty batch holds no memory: its buffers are new, not views of the old ones
+    assert batch.layers[0].key_buf.untyped_storage().nbytes() == 0
+    assert batch.layers[0].value_buf.untyped_storage().nbytes() == 0
+
+
+def test_idle_engine_keeps_no_inputs_or_cache(pipe):
+    """After the last row finishes, the engine holds neither the requests' media inputs nor cache buffers."""
+    import gc
+    import weakref
+
+    req = _requests()[3]  # image + audio
+    prepared, route = pipe.prepare(req)
+    from phimm.generation import GenerationOptions
+
+    opts = GenerationOptions.from_kwargs(pipe.generation, max_new_tokens=2)  # done in the step admitting it
+    pixels = weakref.ref(prepared.images[0].pixel_values)
+    stream = pipe.engine.submit(prepared, route, opts, events=False)
+    assert stream.result(timeout=120).error is None
+    del prepared, stream
+    deadline = time.time() + 10
+    while pixels() is not None and time.time() < deadline:  # the loop drops them once it waits for work
+        gc.collect()
+        time.sleep(0.05)
+    assert pixels() is None
+    for layer in pipe.engine._cache.layers:
+        assert layer.key_buf is None or layer.key_buf.untyped_storage().nbytes() == 0
 
 
 def test_rows_media_encoded_together(tiny_ckpt):
