@@ -293,6 +293,16 @@ def test_lm_bind_phase(monkeypatch):
         ids, n, _, _ = lm.make_example(rng, "sbind", vocab, o)
         assert domain.SPOKEN_VQA_INSTRUCTION in tok.decode(ids[:n]) and vocab.blank in ids  # frames: words, blanks
         assert len(drawn[-1].shapes) >= 2 and "what color is the" not in tok.decode(ids[:n])
+    # `lm_sbind_word_frames="1-1"`: the spoken words one frame each, one after another, a blank on either side
+    o = Options(**small, lm_first="sbind:2", lm_bind_questions="what_color:1", lm_sbind_word_frames="1-1")
+    for _ in range(12):
+        ids, n, _, _ = lm.make_example(rng, "sbind", vocab, o)
+        first = ids.index(vocab.blank)
+        assert ids.count(vocab.blank) == 2 and ids[first + 6] == vocab.blank
+        words = [next(w for w, i in vocab.words.items() if i == t) for t in ids[first + 1:first + 6]]
+        assert words[:4] == ["what", "color", "is", "the"] and words[4] in domain.SHAPES
+    with pytest.raises(ValueError, match="lm_anneal_word_frames|min-max"):
+        lm.word_frames("0-2")
     # `lm_bind_fillers`: up to that many filler words at random places; the question's own words and answer stay
     o = Options(**small, lm_first="bind:2", lm_bind_questions="what_shape:1", lm_bind_fillers=3)
     extra = set()

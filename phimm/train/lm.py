@@ -104,6 +104,8 @@ def make_example(rng: random.Random, task: str, vocab: Vocab, opts: Options,
                 for _ in range(rng.randint(0, opts.lm_bind_fillers)):
                     words.insert(rng.randint(0, len(words)), rng.choice(FILLERS))
                 text = " ".join(words)
+            if task == "sbind":
+                word_span = word_frames(opts.lm_sbind_word_frames)
             task = "vqa" if task == "bind" else "svqa"
         if task == "vqa":
             ids = _fill(vocab.prompt(text, n_image=len(cells)), vocab.image, cells)
@@ -336,6 +338,7 @@ def run(run_dir, opts: Options) -> None:
     if stage.done:
         return
     phases(opts)  # a malformed lm_first or weight option stops here, before any model is built
+    word_frames(opts.lm_sbind_word_frames)
     weights(opts.lm_task_weights, TASKS)
     weights(opts.lm_question_weights, domain.QUESTION_TYPES, 1.0)
     tok = build_tokenizer(opts)

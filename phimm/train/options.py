@@ -67,6 +67,10 @@ class Options:
     # each written `bind` question gets 0..this many filler words ("a", "the", ...) at random places, so that no
     # word of it sits at a fixed distance from the answer (0: none)
     lm_bind_fillers: int = 0
+    # the frames a word of an `sbind` question spans ("min-max", as `lm_anneal_word_frames`): "1-1" puts the words
+    # one after another with no blank between, the written question in the audio placeholders; "2-6", the default,
+    # as every other synthetic spoken question
+    lm_sbind_word_frames: str = "2-6"
     # single-skill phases before the task mix (lm.phases), e.g. "asr:1000,bind:2000": transcription alone, then the
     # slot binding alone (`bind`: written questions on scenes of two or three shapes, each answer read from the
     # right shape; `sbind`: the same spoken). `bind:2000` makes every seed find the written binding by step 3000
@@ -163,6 +167,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "lora_r"),
     "lm": ("lm_steps", "lm_compile", "lm_batch", "lm_lr", "lm_weight_decay", "lm_task_weights", "lm_question_weights",
            "lm_near_no", "lm_mix_floor", "lm_cell_own_init", "lm_bind_questions", "lm_bind_fillers",
+           "lm_sbind_word_frames",
            "lm_first", "lm_mixed_batches", "lm_chunks", "lm_eval_every"),
     "lm_anneal": ("lm_anneal_steps", "lm_anneal_lr", "lm_anneal_task_weights", "lm_anneal_word_frames",
                   "lm_anneal_spoken"),
