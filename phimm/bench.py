@@ -121,15 +121,18 @@ def warm_up_code_paths() -> None:
 
     from .types import Request
 
+    examples = Path(__file__).resolve().parents[1] / "demo" / "examples"
+    seen = set()
     pipe = phimm.load(None)
     try:
-        from .bench_serve import media_pool
-
-        for kind, examples in media_pool("embedded").items():
-            text, image, audio = examples[0]
-            parts = ([{"type": "image", "image": image}] if image else []) + \
-                ([{"type": "audio", "audio": audio}] if audio else []) + [{"type": "text", "text": text}]
-            pipe(Request(messages=[{"role": "user", "content": parts}]), max_new_tokens=2)
+        for ex in json.loads((examples / "examples.json").read_text()):
+            kind = (bool(ex.get("image")), bool(ex.get("audio")))
+            if kind in seen:
+                continue
+            seen.add(kind)
+            parts = [{"type": m, m: (examples / ex[m]).read_bytes()} for m in ("image", "audio") if ex.get(m)]
+            pipe(Request(messages=[{"role": "user", "content": parts + [{"type": "text", "text": ex["text"]}]}]),
+                 max_new_tokens=2)
     finally:
         pipe.close()
     del pipe
