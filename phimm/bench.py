@@ -121,17 +121,17 @@ def warm_up_code_paths() -> None:
 
     from .types import Request
 
-    examples = Path(__file__).resolve().parents[1] / "demo" / "examples"
+    from .toy.examples import read_examples
+
     seen = set()
     pipe = phimm.load(None)
     try:
-        for ex in json.loads((examples / "examples.json").read_text()):
-            kind = (bool(ex.get("image")), bool(ex.get("audio")))
-            if kind in seen:
+        for text, image, audio in read_examples():
+            if (image is None, audio is None) in seen:
                 continue
-            seen.add(kind)
-            parts = [{"type": m, m: (examples / ex[m]).read_bytes()} for m in ("image", "audio") if ex.get(m)]
-            pipe(Request(messages=[{"role": "user", "content": parts + [{"type": "text", "text": ex["text"]}]}]),
+            seen.add((image is None, audio is None))
+            parts = [{"type": k, k: v} for k, v in (("image", image), ("audio", audio)) if v is not None]
+            pipe(Request(messages=[{"role": "user", "content": parts + [{"type": "text", "text": text}]}]),
                  max_new_tokens=2)
     finally:
         pipe.close()

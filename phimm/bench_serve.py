@@ -108,11 +108,11 @@ def media_pool(size: str, seed: int = 0) -> dict[str, list[tuple[str, bytes | No
     made like `phimm bench`'s workload for 209m."""
     pool: dict[str, list] = {k: [] for k in KINDS}
     if size == "embedded":
-        for ex in json.loads((EXAMPLES_DIR / "examples.json").read_text()):
-            image = (EXAMPLES_DIR / ex["image"]).read_bytes() if ex.get("image") else None
-            audio = (EXAMPLES_DIR / ex["audio"]).read_bytes() if ex.get("audio") else None
+        from .toy.examples import read_examples
+
+        for text, image, audio in read_examples(EXAMPLES_DIR):
             kind = "image+audio" if image and audio else "image" if image else "audio" if audio else "text"
-            pool[kind].append((ex["text"], image, audio))
+            pool[kind].append((text, image, audio))
     else:
         import soundfile as sf
 

@@ -18,6 +18,7 @@ app serves either. If the worker dies, every open request ends with `EngineClose
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import logging
@@ -66,8 +67,10 @@ def _dumps(msg) -> bytes:
     return buf.getvalue()
 
 
-def _send_msg(conn, msg) -> None:
-    conn.send_bytes(_dumps(msg))
+def _send_msg(conn, msg, lock: threading.Lock | None = None) -> None:
+    data = _dumps(msg)  # pickled before taking the lock: other senders wait only for the write
+    with lock or contextlib.nullcontext():
+        conn.send_bytes(data)
 
 
 def _recv_msg(conn):
@@ -162,9 +165,7 @@ class EngineProcess:
             pass
 
     def _send(self, msg) -> None:
-        data = _dumps(msg)
-        with self._send_lock:
-            self._conn.send_bytes(data)
+        _send_msg(self._conn, msg, self._send_lock)
 
     def _read(self) -> None:
         try:
@@ -238,9 +239,7 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
     stop = threading.Event()
 
     def send(msg) -> None:
-        data = _dumps(msg)
-        with send_lock:
-            conn.send_bytes(data)
+        _send_msg(conn, msg, send_lock)
 
     def sink_for(rid: int):
         def sink(delta: Delta) -> None:  # the engine's thread

@@ -58,6 +58,15 @@ EXAMPLES: list[dict] = [
 ]
 
 
+def read_examples(folder: str | Path = DEFAULT_OUT) -> list[tuple[str, bytes | None, bytes | None]]:
+    """The examples as `examples.json` in `folder` lists them: (text, image file's bytes or None, audio file's bytes
+    or None) each, in order."""
+    folder = Path(folder)
+    return [(ex["text"], (folder / ex["image"]).read_bytes() if ex.get("image") else None,
+             (folder / ex["audio"]).read_bytes() if ex.get("audio") else None)
+            for ex in json.loads((folder / "examples.json").read_text())]
+
+
 def make_examples(out: str | Path = DEFAULT_OUT) -> list[Path]:
     """Write every example file and examples.json into `out`; returns the paths written."""
     import soundfile as sf
