@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests-per-client", type=int, default=8)
     p.add_argument("--modes", default="continuous,static,continuous,static")
     p.add_argument("--prefill-delay-steps", type=int, default=None, help="EngineLimits.prefill_delay_steps")
+    p.add_argument("--no-mixed-steps", action="store_true",
+                   help="prefill arrivals in forwards of their own, not in the decode forward (phimm.step)")
     p.add_argument("--pad-waste", type=float, default=None, help="prefill buckets' padding limit (engine.PAD_WASTE)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     items = make_items("embedded", args.clients, args.requests_per_client)
     flat = [i for its in items for i in its]
     pipe = phimm.load(None, threads=1, limits=EngineLimits(**limits))
+    if args.no_mixed_steps:
+        pipe.engine.mixed_steps = False
     requests = {i.index: i.request() for i in flat}
     pipe([requests[i.index] for i in flat[:4]], max_new_tokens=2, do_sample=False)  # warm-up
 

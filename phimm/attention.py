@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from . import step
+
 NAME = "phimm"
 # the switch `Phi4MMComposition.__init__` reads: False leaves the decoder on transformers' sdpa
 ENABLED = True
@@ -133,7 +135,11 @@ def phimm_attention_forward(module, query, key, value, attention_mask, dropout: 
                             scaling: float | None = None, is_causal: bool | None = None,
                             kernel: str | None = None, **kwargs):
     """transformers' attention-function signature (`AttentionInterface`): `decode_attention` for a few query
-    positions against a cache, transformers' `sdpa_attention_forward` for everything else."""
+    positions against a cache, transformers' `sdpa_attention_forward` for everything else; inside a mixed step's
+    forward (`phimm.step`), that step's attention."""
+    mixed = step.current()
+    if mixed is not None:
+        return mixed.attend(module, query, key, value, scaling=scaling, softcap=kwargs.get("softcap")), None
     if not covers(module, query, key, attention_mask, dropout=dropout, **kwargs):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)

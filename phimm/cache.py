@@ -168,3 +168,32 @@ class BatchCache(PreallocatedCache):
             kb[:, :, :width] = k
             vb[:, :, :width] = v
             layer.set_buffers(kb, vb, width)
+
+    def reserve(self, new_lengths: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor, int]]]:
+        """Make room for one forward that writes a column for every running row and prefills new rows of
+        `new_lengths` positions (`phimm.step.MixedStep`): new buffers with the rows appended, the running rows'
+        positions right-aligned to end one column before the new right edge (the column their next token takes), the
+        new rows' columns empty. Returns the width after that forward and each layer's previous (key, value,
+        length), which `restore` puts back. Nothing is counted yet: the caller sets the lengths when the forward
+        has written its columns."""
+        old_width, old_rows = self.width, self.rows
+        width = max([old_width + 1] + list(new_lengths))
+        total = old_rows + len(new_lengths)
+        made = []
+        for layer in self.layers:  # every new buffer first: a failure here changes nothing
+            k, v = layer.key_buf, layer.value_buf
+            kb = k.new_zeros(total, k.shape[1], width + GROW, k.shape[3])
+            vb = v.new_zeros(total, v.shape[1], width + GROW, v.shape[3])
+            if old_rows:
+                kb[:old_rows, :, width - 1 - old_width:width - 1] = layer.keys
+                vb[:old_rows, :, width - 1 - old_width:width - 1] = layer.values
+            made.append((kb, vb))
+        before = [(layer.key_buf, layer.value_buf, layer.length) for layer in self.layers]
+        for layer, (kb, vb) in zip(self.layers, made):
+            layer.set_buffers(kb, vb, layer.length)  # `keys` / `values` stay unread until the lengths are set
+        return width, before
+
+    def restore(self, before: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """Undo `reserve` (its buffers dropped, the previous ones back; the lengths were never changed)."""
+        for layer, (k, v, length) in zip(self.layers, before):
+            layer.set_buffers(k, v, length)

@@ -3,12 +3,15 @@
 One thread loops over steps. Each step:
 
 - admit: waiting requests, first come first served, while the limits allow (running rows, KV-cache budget,
-  prompt tokens per step); while rows decode, arrivals gather for `prefill_delay_steps` steps first;
+  prompt tokens per step); while rows decode, arrivals may gather for `prefill_delay_steps` steps first;
 - prefill: the admitted rows in buckets of similar length, one forward each (rows left-padded and masked, at most
   a quarter padding, each row on its own adapter), media features merged in by the model per row; each row's
   first token is chosen;
 - join: prefilled rows enter the running batch's cache (`BatchCache`);
 - decode: one forward for all running rows, each row's adapter passed with it (`RowAdapters`), one token each;
+- or, when rows are running and the model allows it (`mixed_steps`), prefill and decode in one forward: the
+  admitted rows' prompts and the running rows' next tokens together (`phimm.step.MixedStep`), every row on its
+  own adapter; the admitted rows get their first token and join, the others their next;
 - leave: finished, cancelled and failed rows leave the batch at once and their cache space is freed.
 
 The engine owns scheduling and the KV cache; the model computes; callers (the `Pipeline`, the server) own the
@@ -40,6 +43,7 @@ from .cache import BatchCache, PreallocatedCache
 from .errors import (ContextLengthError, EngineClosedError, EngineError, GenerationConfigError, PhimmError,
                      QueueFullError)
 from .generation import GenerationOptions, choose, process_logits
+from .step import MixedStep
 from .types import Output, Prepared
 
 log = logging.getLogger("phimm.engine")
@@ -64,12 +68,15 @@ class EngineLimits:
     kv_budget_tokens: int = 65536  # cache positions (rows x padded width) the running batch may reach
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (a longer prompt is prefilled alone)
     # while rows decode, a new request waits up to this many decode steps so that several arrivals share one
-    # prefill forward (0: prefill each step's arrivals at once); an idle engine admits at once
-    prefill_delay_steps: int = 2
+    # prefill forward (0: prefill each step's arrivals at once); an idle engine admits at once. None: 0 where
+    # arrivals are prefilled inside the decode forward (`Engine.mixed_steps`: waiting saves no forward), else 2
+    prefill_delay_steps: int | None = None
 
     def __post_init__(self):
         for name in ("max_running", "max_waiting", "kv_budget_tokens", "max_prefill_tokens", "prefill_delay_steps"):
             v = getattr(self, name)
+            if v is None and name == "prefill_delay_steps":
+                continue
             low = 0 if name == "prefill_delay_steps" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise GenerationConfigError(f"engine limit {name} must be an integer >= {low}, got {v!r}")
@@ -272,6 +279,8 @@ class Engine:
         if graphs.enabled(model.device) and graphs.supports(model):
             self._graphs = graphs.GraphDecoder(model)
         self._cache = self._new_cache()
+        # arrivals prefilled in the running batch's decode forward (`phimm.step`); CUDA graphs decode apart
+        self.mixed_steps = self._graphs is None and bool(getattr(model, "mixed_steps", False))
         self._row_adapters = None  # RowAdapters of the running rows, remade when they change
         self.kv_bytes_peak = 0  # the running batch's cache, at its largest
         self._thread: threading.Thread | None = None
@@ -428,8 +437,11 @@ class Engine:
         limits = self.limits
         admitted: list[_Row] = []
         n_rows = len(self._running)
+        delay = limits.prefill_delay_steps
+        if delay is None:
+            delay = 0 if self.mixed_steps else 2
         if (n_rows and self._waiting and len(self._waiting) < limits.max_running - n_rows
-                and self.counters["steps"] - self._waiting[0].queued_step < limits.prefill_delay_steps):
+                and self.counters["steps"] - self._waiting[0].queued_step < delay):
             return admitted
         width = max((r.final_len for r in self._running), default=0)
         prefill = 0
@@ -448,6 +460,9 @@ class Engine:
         """One iteration: drop cancelled rows, prefill `admitted` and join them, decode one token for every
         running row, drop finished rows."""
         self._leave([r for r in self._running if r.cancelled], "cancelled")
+        if admitted and self._running and self.mixed_steps:
+            self._mixed(admitted)
+            return
         joined = self._prefill(admitted)
         if joined:
             with self._phase("join"):
@@ -529,6 +544,57 @@ class Engine:
         rows_arg = model.row_adapters([r.route.adapter for r, _ in group])
         hidden = model.decode(embeds, mask, pos, cache, rows_arg)
         return cache, model.logits(hidden[:, -1], rows_arg), width
+
+    def _mixed(self, admitted: Sequence[_Row]) -> None:
+        """One forward that prefills `admitted` and decodes the running rows (`phimm.step`): the running rows get
+        their next token, the admitted ones their first, and join the batch. If the forward fails, the batch's
+        cache is put back, the admitted rows fail and the running ones decode as usual."""
+        model = self.model
+        device = model.device
+        with self._phase("embed"):
+            group = self._embed_rows(admitted)
+        running = list(self._running)
+        if not group:
+            self._decode()
+            return
+        new = [r for r, _ in group]
+        rows = running + new
+        try:
+            with self._phase("mixed"):
+                tokens = torch.tensor([r.sampled[-1] for r in running], dtype=torch.long, device=device)
+                embeds = torch.cat([model.embed_tokens(tokens)] + [e for _, e in group])[:, None]  # [N, 1, D]
+                step = MixedStep(self._cache, [r.prompt_len for r in new])
+                token_rows = model.row_adapters([r.route.adapter for r in running]
+                                                + [r.route.adapter for r in new for _ in range(r.prompt_len)])
+                try:
+                    with step.active():
+                        hidden = model.decode(embeds, None, step.positions(device), step, token_rows)
+                    rows_arg = model.row_adapters([r.route.adapter for r in rows])
+                    last = torch.tensor(step.last_tokens(), device=device)
+                    logits = model.logits(hidden[:, -1].index_select(0, last), rows_arg)  # [B, V]
+                except BaseException:
+                    step.abort()
+                    raise
+                step.finish()
+        except Exception as e:  # noqa: BLE001 - the joining rows fail, the running ones go on
+            self._fail(new, e)
+            self._decode()
+            return
+        with self._cond:
+            self._running = rows
+        self._row_adapters = rows_arg
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self._cache.nbytes)
+        self.counters["steps"] += 1
+        self.counters["prefills"] += 1
+        self.counters["mixed_steps"] += 1
+        self.counters["prompt_tokens"] += sum(r.prompt_len for r in new)
+        with self._phase("choose"):
+            more = self._choose(rows, logits)
+        done = [r for r, m in zip(rows, more) if not m]
+        if done:
+            self._leave(done, None)
+            for r in done:
+                self._finish(r, r.finish_reason, *r.last_delta)
 
     def _decode(self) -> None:
         model = self.model

@@ -146,6 +146,15 @@ class MixtureModel(nn.Module):
         return self.embedding.weight.dtype
 
     @property
+    def mixed_steps(self) -> bool:
+        """Whether one decoder forward may prefill joining rows while it decodes the running ones
+        (`phimm.step.MixedStep`): only on phimm's attention function, which hands such a forward's attention to
+        the step."""
+        from . import attention
+
+        return getattr(self.hf.config, "_attn_implementation", None) == attention.NAME
+
+    @property
     def device(self) -> torch.device:
         return self.embedding.weight.device
 

@@ -220,6 +220,105 @@ def test_batch_cache_joins_and_leaves_right_aligned():
     assert batch.layers[0].value_buf.untyped_storage().nbytes() == 0
 
 
+def test_mixed_step_cache_layout_and_undo():
+    """A mixed step's cache (`phimm.step.MixedStep`): the running rows' new column and each joining row's prompt
+    land right-aligned at one edge; an aborted step leaves the batch's cache exactly as it was."""
+    from phimm.step import MixedStep
+
+    torch.manual_seed(0)
+    H, D = 2, 4
+    src = PreallocatedCache(1, 3)
+    src.layers[0].update(torch.randn(2, H, 3, D), torch.randn(2, H, 3, D))
+    batch = BatchCache(1)
+    batch.add_rows([(src, 0, 0, 3), (src, 1, 1, 2)])  # lengths 3 and 2
+    before_k = batch.layers[0].keys.clone()
+    step = MixedStep(batch, [5])  # a joining row longer than the batch: everything shifts right
+    assert step.width == 5 and step.tokens == 2 + 5 and step.last_tokens() == [0, 1, 6]
+    assert step.positions().flatten().tolist() == [3, 2, 0, 1, 2, 3, 4]
+    assert step.decode_mask("cpu")[:, 0, 0].tolist() == [[False, True, True, True, True],
+                                                         [False, False, True, True, True]]
+    step.abort()
+    assert batch.lengths == [3, 2] and torch.equal(batch.layers[0].keys, before_k)
+
+    step = MixedStep(batch, [5])
+    k = torch.randn(7, H, 1, D)
+    step.write(0, k, -k)
+    step.finish()
+    assert batch.lengths == [4, 3, 5] and batch.width == 5
+    keys, values = batch.layers[0].keys, batch.layers[0].values
+    assert torch.equal(keys[0, :, 1:4], before_k[0]) and torch.equal(keys[1, :, 2:4], before_k[1, :, 1:])
+    assert torch.equal(keys[:2, :, 4], k[:2, :, 0]) and torch.equal(values[:2, :, 4], -k[:2, :, 0])
+    assert torch.equal(keys[2], k[2:, :, 0].transpose(0, 1))
+    assert keys[0, :, 0].abs().sum() == 0 and keys[1, :, :2].abs().sum() == 0
+
+
+def _running(pipe, req, n):
+    """A stream of `n` tokens that has started decoding (its first piece is out)."""
+    stream = pipe.open(req, max_new_tokens=n, min_new_tokens=n, output_logits=True)
+    pieces = iter(stream)
+    next(pieces)
+    return stream
+
+
+def test_arrivals_prefill_inside_the_decode_forward(tiny_ckpt):
+    """With `prefill_delay_steps=0` a request that arrives while rows decode is prefilled in the running batch's
+    own forward (a mixed step). Every row, joining or running, equals the same request alone: tokens, and the
+    first step's logits within 1e-5 in fp32, on every route."""
+    p = phimm.load(tiny_ckpt, dtype="float32", threads=1, limits=EngineLimits(prefill_delay_steps=0))
+    try:
+        reqs = _requests()
+        alone = [p(r, max_new_tokens=6, min_new_tokens=6, output_logits=True) for r in reqs]
+        long_ref = p(reqs[3], max_new_tokens=60, min_new_tokens=60, output_logits=True)
+        before = p.engine.counters["mixed_steps"]
+        long = _running(p, reqs[3], 60)
+        futures = []
+        for r in reqs:  # one at a time, each while the batch decodes
+            futures.append(p.submit(r, max_new_tokens=6, min_new_tokens=6, output_logits=True))
+            time.sleep(0.003)
+        for ref, fut in zip(alone, futures):
+            got = fut.result(timeout=120)
+            assert got.route == ref.route and got.token_ids == ref.token_ids
+            assert (got.logits[0] - ref.logits[0]).abs().max().item() < 1e-5
+            assert (got.logits - ref.logits).abs().max().item() < 1e-4
+        got = long.result(timeout=120)
+        assert got.token_ids == long_ref.token_ids
+        assert (got.logits - long_ref.logits).abs().max().item() < 1e-4
+        assert p.engine.counters["mixed_steps"] - before >= 2
+        assert p.engine.stats()["running"] == 0 and p.engine.stats()["kv_positions"] == 0
+    finally:
+        p.close()
+
+
+def test_a_failing_mixed_step_fails_only_the_joining_rows(tiny_ckpt, monkeypatch):
+    """If a mixed step's forward fails, the rows it was prefilling fail with a typed error; the running rows
+    decode on, unchanged, and the engine serves on."""
+    from phimm.errors import EngineError
+    from phimm.step import MixedStep
+
+    p = phimm.load(tiny_ckpt, dtype="float32", threads=1, limits=EngineLimits(prefill_delay_steps=0))
+    try:
+        reqs = _requests()
+        long_ref = p(reqs[1], max_new_tokens=30, min_new_tokens=30)
+        attend = MixedStep.attend
+        broken = []
+
+        def attend_once_broken(self, *args, **kwargs):  # the first mixed forward breaks in its attention
+            if not broken:
+                broken.append(self)
+                raise RuntimeError("injected failure")
+            return attend(self, *args, **kwargs)
+
+        monkeypatch.setattr(MixedStep, "attend", attend_once_broken)
+        long = _running(p, reqs[1], 30)
+        bad = p.submit(reqs[2], max_new_tokens=4).result(timeout=120)
+        assert broken and isinstance(bad.error, EngineError) and "injected failure" in str(bad.error)
+        assert bad.finish_reason == "error"
+        assert long.result(timeout=120).token_ids == long_ref.token_ids
+        assert p(reqs[2], max_new_tokens=4).ok
+    finally:
+        p.close()
+
+
 def test_idle_engine_keeps_no_inputs_or_cache(pipe):
     """After the last row finishes, the engine holds neither the requests' media inputs nor cache buffers."""
     import gc
