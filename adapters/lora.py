@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -91,14 +92,10 @@ class RowAdapters:
             return NO_ADAPTER
         if len(present) == 1:
             return cls(uniform=next(iter(present)), ranks=tuple(ranks))
-        offsets = [0]
-        for r in ranks:
-            offsets.append(offsets[-1] + r)
-        mask = torch.zeros(len(row_adapter), offsets[-1], dtype=dtype, device=device)
-        for i, a in enumerate(row_adapter):
-            if a is not None:
-                mask[i, offsets[a]:offsets[a + 1]] = scales[a]
-        return cls(rank_mask=mask, ranks=tuple(ranks))
+        table = _mask_table(tuple(ranks), tuple(float(s) for s in scales), dtype, torch.device(device))
+        none = len(ranks)  # the table's last row: zeros, for rows on the base alone
+        idx = torch.tensor([none if a is None else a for a in row_adapter], device=table.device)
+        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks))
 
     @property
     def is_base(self) -> bool:
@@ -115,6 +112,19 @@ class RowAdapters:
 
 
 NO_ADAPTER = RowAdapters()  # every row on the base model alone
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_table(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """`[adapters + 1, sum of ranks]`: row a holds adapter a's scale where its ranks sit, the last row zeros;
+    a mixed batch's `rank_mask` is its rows gathered (one per row of the batch, or per token of a mixed step)."""
+    table = torch.zeros(len(ranks) + 1, sum(ranks), dtype=dtype, device=device)
+    start = 0
+    for a, r in enumerate(ranks):
+        table[a, start:start + r] = scales[a]
+        start += r
+    return table
 
 
 def active_rows() -> RowAdapters:

@@ -82,7 +82,7 @@ class FeatureCache:
             if isinstance(p, torch.Tensor):
                 t = p.detach().cpu().contiguous()
                 h.update(str((t.dtype, tuple(t.shape))).encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+                h.update((t.view(torch.uint8) if t.dtype == torch.bfloat16 else t).numpy())  # no copy: its buffer
             else:
                 h.update(repr(p).encode())
         return h.digest()
