@@ -169,7 +169,7 @@ class BatchCache(PreallocatedCache):
             vb[:, :, :width] = v
             layer.set_buffers(kb, vb, width)
 
-    def reserve(self, new_lengths: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor, int]]]:
+    def prepare_step(self, new_lengths: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor, int]]]:
         """Make room for one forward that writes a column for every running row and prefills new rows of
         `new_lengths` positions (`phimm.step.MixedStep`): new buffers with the rows appended, the running rows'
         positions right-aligned to end one column before the new right edge (the column their next token takes), the
@@ -194,6 +194,6 @@ class BatchCache(PreallocatedCache):
         return width, before
 
     def restore(self, before: Sequence[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
-        """Undo `reserve` (its buffers dropped, the previous ones back; the lengths were never changed)."""
+        """Undo `prepare_step` (its buffers dropped, the previous ones back; the lengths were never changed)."""
         for layer, (k, v, length) in zip(self.layers, before):
             layer.set_buffers(k, v, length)

@@ -14,7 +14,7 @@ each joining row's prompt, its positions one after another. Everything but atten
 - each joining row's prompt attends causally over its own positions, as its prefill alone does (transformers'
   sdpa function on `[1, H, n, D]`, the call a one-row prefill makes).
 
-Before the forward, `BatchCache.reserve` lays out the batch with the joining rows appended; each layer's
+Before the forward, `BatchCache.prepare_step` lays out the batch with the joining rows appended; each layer's
 `update` writes the step's keys and values where they belong (the running rows' new column, each joining row's
 prompt right-aligned to the same edge), and `finish` counts them. If the forward fails, `abort` puts the batch's
 cache back as it was.
@@ -71,7 +71,7 @@ class MixedStep(Cache):
         self.n_decode = batch.rows
         self.old_lengths = list(batch.lengths)
         self.new_lengths = [int(n) for n in new_lengths]
-        self.width, self._before = batch.reserve(self.new_lengths)
+        self.width, self._before = batch.prepare_step(self.new_lengths)
         self.segments: list[tuple[int, int, int]] = []  # (row in the batch, first token, length) per joining row
         start = self.n_decode
         for j, n in enumerate(self.new_lengths):
