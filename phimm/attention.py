@@ -131,6 +131,31 @@ def _matmul_attention(query, key, value, attention_mask, scale: float, softcap: 
     return out.view(B, H, q, dv).transpose(1, 2).to(dtype).contiguous()
 
 
+def mixed_step_attention(mixed, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scaling: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Layer `module.layer_idx`'s attention in a mixed step's forward (`phimm.step.MixedStep`): `query
+    [N, H, 1, D]`, `key` / `value` `[N, Hkv, 1, D]` (the step's own, already in the batch cache). The running
+    rows' tokens attend over their rows of the batch cache (`decode_attention`, or sdpa off the CPU); each joining
+    row's prompt attends causally over itself, through transformers' sdpa function as a one-row prefill does.
+    Returns `[N, 1, H, Dv]`."""
+    out = query.new_empty(query.shape[0], 1, query.shape[1], value.shape[-1])
+    nd = mixed.n_decode
+    if nd:
+        q = query[:nd]
+        k, v = mixed.decode_keys(module.layer_idx)
+        mask = mixed.decode_mask(query.device)
+        if covers(module, q, k, mask, softcap=softcap):
+            out[:nd] = decode_attention(q, k, v, mask, scaling=scaling, softcap=softcap)
+        else:
+            out[:nd] = _sdpa()(module, q, k, v, mask, scaling=scaling)[0]
+    for _, s, n in mixed.segments:
+        q = query[s:s + n].transpose(0, 2)  # [1, H, n, D]
+        k, v = key[s:s + n].transpose(0, 2), value[s:s + n].transpose(0, 2)
+        o = _sdpa()(module, q, k, v, None, scaling=scaling, is_causal=True)[0]  # [1, n, H, Dv]
+        out[s:s + n] = o.transpose(0, 1)
+    return out
+
+
 def phimm_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: float | None = None, is_causal: bool | None = None,
                             kernel: str | None = None, **kwargs):
@@ -139,7 +164,8 @@ def phimm_attention_forward(module, query, key, value, attention_mask, dropout: 
     forward (`phimm.step`), that step's attention."""
     mixed = step.current()
     if mixed is not None:
-        return mixed.attend(module, query, key, value, scaling=scaling, softcap=kwargs.get("softcap")), None
+        return mixed_step_attention(mixed, module, query, key, value, scaling=scaling,
+                                    softcap=kwargs.get("softcap")), None
     if not covers(module, query, key, attention_mask, dropout=dropout, **kwargs):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)

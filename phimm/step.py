@@ -19,8 +19,8 @@ Before the forward, `BatchCache.prepare_step` lays out the batch with the joinin
 prompt right-aligned to the same edge), and `finish` counts them. If the forward fails, `abort` puts the batch's
 cache back as it was.
 
-`MixedStep` is the forward's cache (`cache=`) and, while `active()`, the decoder's attention function
-(`phimm.attention`) hands each layer's attention to `attend`. Only decoders on that attention function take
+`MixedStep` is the forward's cache (`cache=`); while it is `active()`, the decoder's attention function
+(`phimm.attention.mixed_step_attention`) splits each layer's attention as above. Only decoders on that attention function take
 mixed steps (`MixtureModel.mixed_steps`).
 """
 
@@ -45,7 +45,7 @@ def current() -> "MixedStep | None":
 
 class _StepLayer(DynamicLayer):
     """Layer `index` of a mixed step's cache: writes the step's keys and values into the batch cache and hands
-    them back unchanged (attention reads what it needs in `MixedStep.attend`). Reports no cached positions, so
+    them back unchanged (attention reads what it needs from the step). Reports no cached positions, so
     the decoder builds no mask over the batch's width."""
 
     def __init__(self, step: "MixedStep", index: int):
@@ -122,30 +122,10 @@ class MixedStep(Cache):
             kb[row, :, w - n:w] = key[s:s + n, :, 0].transpose(0, 1)
             vb[row, :, w - n:w] = value[s:s + n, :, 0].transpose(0, 1)
 
-    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float | None = None, softcap: float | None = None) -> torch.Tensor:
-        """Layer `module.layer_idx`'s attention for the step's tokens: `query [N, H, 1, D]`, `key` / `value`
-        `[N, Hkv, 1, D]` (this step's, already written). Returns `[N, 1, H, Dv]`."""
-        from . import attention
-
-        layer = self.batch.layers[module.layer_idx]
-        n_tok, heads = query.shape[0], query.shape[1]
-        out = query.new_empty(n_tok, 1, heads, value.shape[-1])
-        nd, w = self.n_decode, self.width
-        if nd:
-            q = query[:nd]
-            k, v = layer.key_buf[:nd, :, :w], layer.value_buf[:nd, :, :w]
-            mask = self.decode_mask(query.device)
-            if attention.covers(module, q, k, mask, softcap=softcap):
-                out[:nd] = attention.decode_attention(q, k, v, mask, scaling=scaling, softcap=softcap)
-            else:
-                out[:nd] = attention._sdpa()(module, q, k, v, mask, scaling=scaling)[0]
-        for _, s, n in self.segments:
-            q = query[s:s + n].transpose(0, 2)  # [1, H, n, D]
-            k, v = key[s:s + n].transpose(0, 2), value[s:s + n].transpose(0, 2)
-            o = attention._sdpa()(module, q, k, v, None, scaling=scaling, is_causal=True)[0]  # [1, n, H, Dv]
-            out[s:s + n] = o.transpose(0, 1)
-        return out
+    def decode_keys(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s keys and values of the running rows `[n_decode, Hkv, width, D]`, this step's included."""
+        layer = self.batch.layers[index]
+        return layer.key_buf[:self.n_decode, :, :self.width], layer.value_buf[:self.n_decode, :, :self.width]
 
     # ---- after the forward ---------------------------------------------------------------------------------
     def finish(self) -> None:

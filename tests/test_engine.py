@@ -292,23 +292,23 @@ def test_arrivals_prefill_inside_the_decode_forward(tiny_ckpt):
 def test_a_failing_mixed_step_fails_only_the_joining_rows(tiny_ckpt, monkeypatch):
     """If a mixed step's forward fails, the rows it was prefilling fail with a typed error; the running rows
     decode on, unchanged, and the engine serves on."""
+    from phimm import attention
     from phimm.errors import EngineError
-    from phimm.step import MixedStep
 
     p = phimm.load(tiny_ckpt, dtype="float32", threads=1, limits=EngineLimits(prefill_delay_steps=0))
     try:
         reqs = _requests()
         long_ref = p(reqs[1], max_new_tokens=30, min_new_tokens=30)
-        attend = MixedStep.attend
+        attend = attention.mixed_step_attention
         broken = []
 
-        def attend_once_broken(self, *args, **kwargs):  # the first mixed forward breaks in its attention
+        def attend_once_broken(mixed, *args, **kwargs):  # the first mixed forward breaks in its attention
             if not broken:
-                broken.append(self)
+                broken.append(mixed)
                 raise RuntimeError("injected failure")
-            return attend(self, *args, **kwargs)
+            return attend(mixed, *args, **kwargs)
 
-        monkeypatch.setattr(MixedStep, "attend", attend_once_broken)
+        monkeypatch.setattr(attention, "mixed_step_attention", attend_once_broken)
         long = _running(p, reqs[1], 30)
         bad = p.submit(reqs[2], max_new_tokens=4).result(timeout=120)
         assert broken and isinstance(bad.error, EngineError) and "injected failure" in str(bad.error)
