@@ -5,6 +5,7 @@ rows equal to singles; save_pretrained -> phimm.load gives the same tokens; bad 
 
 from __future__ import annotations
 
+import time
 import pytest
 import torch
 
@@ -162,6 +163,29 @@ def test_every_route_alone_and_mixed(pipe):
     for a, m in zip(alone + alone[::-1], mixed):
         assert m.route == a.route and m.token_ids == a.token_ids
         assert (m.logits - a.logits).abs().max().item() < 1e-5
+
+
+def test_arrivals_join_the_decode_forward_on_a_composition(pipe):
+    """A composition of Hugging Face parts (a Qwen2 base) takes mixed steps too (`phimm.step`): requests that
+    arrive while another decodes are prefilled inside its decode forward, and each row equals the same request
+    alone."""
+    assert pipe.engine.mixed_steps
+    reqs = _requests()
+    alone = [pipe(r, max_new_tokens=N, min_new_tokens=N, output_logits=True) for r in reqs]
+    long_ref = pipe(reqs[3], max_new_tokens=40, min_new_tokens=40)
+    before = pipe.engine.counters["mixed_steps"]
+    long = pipe.open(reqs[3], max_new_tokens=40, min_new_tokens=40)
+    next(iter(long))  # decoding now
+    futures = []
+    for r in reqs:
+        futures.append(pipe.submit(r, max_new_tokens=N, min_new_tokens=N, output_logits=True))
+        time.sleep(0.003)
+    for a, f in zip(alone, futures):
+        m = f.result(timeout=120)
+        assert m.route == a.route and m.token_ids == a.token_ids
+        assert (m.logits[0] - a.logits[0]).abs().max().item() < 1e-5
+    assert long.result(timeout=120).token_ids == long_ref.token_ids
+    assert pipe.engine.counters["mixed_steps"] > before
 
 
 def test_projector_choice_matters(pipe):
