@@ -408,3 +408,14 @@ def test_image_crops_in_chunks_equal_one_call(tiny_pipe, monkeypatch):
     assert sum(img.pixel_values.shape[0] for img in images) > 2
     for a, b in zip(whole, chunked):
         assert (a - b).abs().max().item() < 1e-5
+
+
+def test_engine_limits_are_checked():
+    from phimm.errors import GenerationConfigError
+
+    assert EngineLimits().prefill_delay_steps is None  # the engine's choice: 0 with mixed steps, else 2
+    assert EngineLimits(prefill_delay_steps=0).prefill_delay_steps == 0
+    for bad in (dict(max_running=0), dict(max_waiting=-1), dict(prefill_delay_steps=-1),
+                dict(kv_budget_tokens=True), dict(max_prefill_tokens=1.5)):
+        with pytest.raises(GenerationConfigError, match=next(iter(bad))):
+            EngineLimits(**bad)
