@@ -70,8 +70,8 @@ class Options:
     # the frames a word of an `sbind` question spans ("min-max", as `lm_anneal_word_frames`): "1-1" puts the words
     # one after another with no blank between, the written question in the audio placeholders; "2-6", the default,
     # as every other synthetic spoken question. `lm_first=asr:1000,bind+sbind:2000` with "1-2" gave seed 0 every
-    # target (spoken 92.7 %), seed 1's LM never the spoken binding; `...,sbind:1500` after it gave seeds 1 and 2
-    # every binding skill, seed 2 then missing ASR (model card, "Half spoken, then spoken only (v25)")
+    # target (spoken 92.7 %), seed 1's LM never the spoken binding; `...,sbind:1500` after it gave seeds 0-2 every
+    # binding skill but cost ASR (3.5-8.7 %; model card, "Half spoken, then spoken only (v25)")
     lm_sbind_word_frames: str = "2-6"
     # single-skill phases before the task mix (lm.phases), e.g. "asr:1000,bind:2000": transcription alone, then the
     # slot binding alone (`bind`: written questions on scenes of two or three shapes, each answer read from the
