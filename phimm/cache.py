@@ -131,18 +131,24 @@ class BatchCache(PreallocatedCache):
         width = max([old_width] + [n for _, _, _, n in sources])
         total = old_rows + len(sources)
         for li, layer in enumerate(self.layers):
-            ref_k, ref_v = sources[0][0].layers[li].keys, sources[0][0].layers[li].values
-            kb = ref_k.new_zeros(total, ref_k.shape[1], width + GROW, ref_k.shape[3])
-            vb = ref_v.new_zeros(total, ref_v.shape[1], width + GROW, ref_v.shape[3])
-            if old_rows:
-                kb[:old_rows, :, width - old_width:width] = layer.keys
-                vb[:old_rows, :, width - old_width:width] = layer.values
+            src0 = sources[0][0].layers[li]
+            kb, vb = self._relaid(layer, src0.keys, src0.values, total, width, width)
             for j, (cache, row, start, n) in enumerate(sources):
                 src = cache.layers[li]
                 kb[old_rows + j, :, width - n:width] = src.keys[row, :, start:start + n]
                 vb[old_rows + j, :, width - n:width] = src.values[row, :, start:start + n]
             layer.set_buffers(kb, vb, width)
         self.lengths = self.lengths + [n for _, _, _, n in sources]
+
+    def _relaid(self, layer, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, width: int, end: int):
+        """New zero buffers (dtype and heads of `like_k` / `like_v`) of `rows` rows and room for `width` columns
+        and more, `layer`'s current rows copied in first, right-aligned to end at column `end`."""
+        kb = like_k.new_zeros(rows, like_k.shape[1], width + GROW, like_k.shape[3])
+        vb = like_v.new_zeros(rows, like_v.shape[1], width + GROW, like_v.shape[3])
+        if self.rows:
+            kb[:self.rows, :, end - self.width:end] = layer.keys
+            vb[:self.rows, :, end - self.width:end] = layer.values
+        return kb, vb
 
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Drop every row not in `keep` (indices, in the order to keep) and the columns no kept row uses."""
@@ -176,18 +182,10 @@ class BatchCache(PreallocatedCache):
         new rows' columns empty. Returns the width after that forward and each layer's previous (key, value,
         length), which `restore` puts back. Nothing is counted yet: the caller sets the lengths when the forward
         has written its columns."""
-        old_width, old_rows = self.width, self.rows
-        width = max([old_width + 1] + list(new_lengths))
-        total = old_rows + len(new_lengths)
-        made = []
-        for layer in self.layers:  # every new buffer first: a failure here changes nothing
-            k, v = layer.key_buf, layer.value_buf
-            kb = k.new_zeros(total, k.shape[1], width + GROW, k.shape[3])
-            vb = v.new_zeros(total, v.shape[1], width + GROW, v.shape[3])
-            if old_rows:
-                kb[:old_rows, :, width - 1 - old_width:width - 1] = layer.keys
-                vb[:old_rows, :, width - 1 - old_width:width - 1] = layer.values
-            made.append((kb, vb))
+        width = max([self.width + 1] + list(new_lengths))
+        total = self.rows + len(new_lengths)
+        # every new buffer first: a failure here changes nothing
+        made = [self._relaid(layer, layer.key_buf, layer.value_buf, total, width, width - 1) for layer in self.layers]
         before = [(layer.key_buf, layer.value_buf, layer.length) for layer in self.layers]
         for layer, (kb, vb) in zip(self.layers, made):
             layer.set_buffers(kb, vb, layer.length)  # `keys` / `values` stay unread until the lengths are set

@@ -588,13 +588,7 @@ class Engine:
         self.counters["prefills"] += 1
         self.counters["mixed_steps"] += 1
         self.counters["prompt_tokens"] += sum(r.prompt_len for r in new)
-        with self._phase("choose"):
-            more = self._choose(rows, logits)
-        done = [r for r, m in zip(rows, more) if not m]
-        if done:
-            self._leave(done, None)
-            for r in done:
-                self._finish(r, r.finish_reason, *r.last_delta)
+        self._next_tokens(rows, logits)
 
     def _decode(self) -> None:
         model = self.model
@@ -624,9 +618,13 @@ class Engine:
             self._row_adapters = None
             return
         self.counters["steps"] += 1
+        self._next_tokens(running, logits)
+
+    def _next_tokens(self, rows: Sequence[_Row], logits: torch.Tensor) -> None:
+        """Choose and emit each running row's token from its logits `[B, V]`; the rows that are done leave."""
         with self._phase("choose"):
-            more = self._choose(running, logits)
-        done = [r for r, m in zip(running, more) if not m]
+            more = self._choose(rows, logits)
+        done = [r for r, m in zip(rows, more) if not m]
         if done:
             self._leave(done, None)  # out of the batch first: a caller told "finished" finds it gone
             for r in done:

@@ -79,7 +79,6 @@ class MixedStep(Cache):
             start += n
         self.tokens = start
         self._decode_mask: torch.Tensor | None = None
-        self._done = False
 
     # ---- the forward's inputs ------------------------------------------------------------------------------
     def positions(self, device=None) -> torch.Tensor:
@@ -133,11 +132,11 @@ class MixedStep(Cache):
         for layer in self.batch.layers:
             layer.set_buffers(layer.key_buf, layer.value_buf, self.width)
         self.batch.lengths = [n + 1 for n in self.old_lengths] + self.new_lengths
-        self._before, self._done = None, True
+        self._before = None  # nothing to undo now
 
     def abort(self) -> None:
         """The forward failed: the batch's cache as it was before the step."""
-        if not self._done and self._before is not None:
+        if self._before is not None:
             self.batch.restore(self._before)
             self.batch.lengths = list(self.old_lengths)
             self._before = None
