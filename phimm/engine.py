@@ -362,7 +362,7 @@ class Engine:
         layers = self.model.config.num_hidden_layers
         if self._graphs is not None:
             return graphs.StaticBatchCache(layers, self.limits.max_running, self.limits.kv_budget_tokens)
-        return BatchCache(layers)
+        return BatchCache(layers, self.limits.max_running, self.limits.kv_budget_tokens)
 
     def stats(self) -> dict:
         with self._cond:

@@ -88,9 +88,11 @@ class StaticLayer(PreallocatedLayer):
         self.storage_k = like.new_zeros(r, like.shape[1], c, like.shape[3])
         self.storage_v = like_v.new_zeros(r, like_v.shape[1], c, like_v.shape[3])
 
-    def set_buffers(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int) -> None:
+    def set_buffers(self, key_buf: torch.Tensor, value_buf: torch.Tensor, length: int, rows: int | None = None):
         """Take rows `key_buf` (`[rows, H, >= length, D]`, filled up to `length`; never a view of the storage
         itself) into the storage, reallocated first if the cache planned another size."""
+        if rows is not None and rows != key_buf.shape[0]:
+            raise ValueError("a static batch cache takes whole buffers, not some of their rows")
         rows = key_buf.shape[0]
         self._ensure_storage(key_buf, value_buf)
         if rows and length:
@@ -102,7 +104,7 @@ class StaticLayer(PreallocatedLayer):
         self.key_buf, self.value_buf = self.storage_k[:rows], self.storage_v[:rows]
         self.dtype, self.device = self.storage_k.dtype, self.storage_k.device
         self.capacity = self.storage_k.shape[2]
-        self.length = length
+        self.length, self.rows = length, rows
         self.keys = self.key_buf[:, :, :length]
         self.values = self.value_buf[:, :, :length]
         self.is_initialized = True
@@ -124,6 +126,8 @@ class StaticLayer(PreallocatedLayer):
 
 class StaticBatchCache(BatchCache):
     """`BatchCache` in fixed storage (see the module's docstring): what decode graphs read and write."""
+
+    in_place = False  # every join and leave lays the rows out anew, then into the storage (`StaticLayer`)
 
     def __init__(self, num_layers: int, max_rows: int, budget_positions: int):
         super().__init__(num_layers)

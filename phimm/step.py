@@ -14,9 +14,9 @@ each joining row's prompt, its positions one after another. Everything but atten
 - each joining row's prompt attends causally over its own positions, as its prefill alone does (transformers'
   sdpa function on `[1, H, n, D]`, the call a one-row prefill makes).
 
-Before the forward, `BatchCache.prepare_step` lays out the batch with the joining rows appended; each layer's
-`update` writes the step's keys and values where they belong (the running rows' new column, each joining row's
-prompt right-aligned to the same edge), and `finish` counts them. If the forward fails, `abort` puts the batch's
+Before the forward, `BatchCache.prepare_step` lays out the batch with the joining rows appended (in spare rows of
+its buffers when they fit); each layer's `update` writes the step's keys and values where they belong (the running
+rows' new column, each joining row's prompt right-aligned to the same edge), and `finish` counts them. If the forward fails, `abort` puts the batch's
 cache back as it was.
 
 `MixedStep` is the forward's cache (`cache=`); while it is `active()`, the decoder's attention function
@@ -129,9 +129,7 @@ class MixedStep(Cache):
     # ---- after the forward ---------------------------------------------------------------------------------
     def finish(self) -> None:
         """Count what the forward wrote: the running rows one position more, the joining rows theirs."""
-        for layer in self.batch.layers:
-            layer.set_buffers(layer.key_buf, layer.value_buf, self.width)
-        self.batch.lengths = [n + 1 for n in self.old_lengths] + self.new_lengths
+        self.batch.commit_step(self.width, [n + 1 for n in self.old_lengths] + self.new_lengths)
         self._before = None  # nothing to undo now
 
     def abort(self) -> None:

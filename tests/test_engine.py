@@ -184,6 +184,8 @@ def embedded_pipe():
 
 
 def test_batch_cache_joins_and_leaves_right_aligned():
+    """The running batch's cache: rows right-aligned to one edge, zeros to their left; joins and leaves that fit
+    the buffers move only the rows concerned (the same buffers), the others lay them out anew."""
     torch.manual_seed(0)
     H, D = 2, 4
 
@@ -192,12 +194,16 @@ def test_batch_cache_joins_and_leaves_right_aligned():
         c.layers[0].update(torch.randn(n_rows, H, T, D), torch.randn(n_rows, H, T, D))
         return c
 
+    def buffer(batch):
+        return batch.layers[0].key_buf.data_ptr()
+
     a, b = prefilled(1, 5), prefilled(2, 3)
-    batch = BatchCache(1)
+    batch = BatchCache(1, max_rows=16)
     batch.add_rows([(a, 0, 0, 5)])
-    batch.add_rows([(b, 0, 0, 3), (b, 1, 0, 3)])
-    assert batch.lengths == [5, 3, 3] and batch.width == 5
+    batch.add_rows([(b, 0, 0, 3), (b, 1, 0, 3)])  # more rows than the buffers have: new ones, with spare rows
+    assert batch.lengths == [5, 3, 3] and batch.width == 5 and batch.layers[0].key_buf.shape[0] > 3
     keys = batch.layers[0].keys
+    assert keys.shape[0] == 3
     assert torch.equal(keys[0], a.layers[0].keys[0])
     assert torch.equal(keys[1, :, 2:], b.layers[0].keys[0]) and keys[1, :, :2].abs().sum() == 0
     mask = batch.attention_mask(1)
@@ -206,18 +212,57 @@ def test_batch_cache_joins_and_leaves_right_aligned():
     new = torch.randn(3, H, 1, D)
     batch.layers[0].update(new, new)
     batch.advance()
-    batch.keep_rows([2, 1])  # the longest row leaves: the columns only it used go too
-    assert batch.lengths == [4, 4] and batch.width == 4
-    assert torch.equal(batch.layers[0].keys[0, :, :3], b.layers[0].keys[1])
-    assert torch.equal(batch.layers[0].keys[0, :, 3:], new[2])
+    assert batch.width == 6 and torch.equal(batch.layers[0].keys[:, :, 5], new[:, :, 0])
+    ptr = buffer(batch)
+    batch.keep_rows([2, 1])  # the longest row leaves: the rows move up in place, the width stays
+    assert batch.lengths == [4, 4] and batch.width == 6 and buffer(batch) == ptr
+    keys = batch.layers[0].keys
+    assert torch.equal(keys[0, :, 2:5], b.layers[0].keys[1]) and torch.equal(keys[0, :, 5], new[2, :, 0])
+    assert torch.equal(keys[1, :, 2:5], b.layers[0].keys[0]) and torch.equal(keys[1, :, 5], new[1, :, 0])
+    assert keys[:, :, :2].abs().sum() == 0
+    assert batch.attention_mask(1).tolist() == [[0, 0, 1, 1, 1, 1, 1]] * 2
+    short = prefilled(1, 2)
+    batch.add_rows([(short, 0, 0, 2)])  # into the spare row the leaving row used: its old columns cleared
+    assert batch.lengths == [4, 4, 2] and buffer(batch) == ptr
+    assert torch.equal(batch.layers[0].keys[2, :, 4:], short.layers[0].keys[0])
+    assert batch.layers[0].keys[2, :, :4].abs().sum() == 0
+    assert torch.equal(batch.layers[0].values[2, :, 4:], short.layers[0].values[0])
     longer = prefilled(1, 9)
-    batch.add_rows([(longer, 0, 0, 9)])  # a longer row joins: the others shift right
-    assert batch.width == 9 and torch.equal(batch.layers[0].keys[0, :, 5:8], b.layers[0].keys[1])
+    batch.add_rows([(longer, 0, 0, 9)])  # a longer row joins: new buffers, the others shift right
+    assert batch.width == 9 and buffer(batch) != ptr
+    assert torch.equal(batch.layers[0].keys[0, :, 5:8], b.layers[0].keys[1])
+    assert torch.equal(batch.layers[0].keys[3], longer.layers[0].keys[0])
+    very_long = prefilled(1, 80)
+    batch.add_rows([(very_long, 0, 0, 80)])
+    ptr = buffer(batch)
+    batch.keep_rows([0, 2])  # most of the width unused: cut off (new buffers)
+    assert batch.lengths == [4, 2] and batch.width == 4 and buffer(batch) != ptr
+    assert torch.equal(batch.layers[0].keys[0, :, :3], b.layers[0].keys[1])
+    assert torch.equal(batch.layers[0].keys[1, :, 2:], short.layers[0].keys[0])
     batch.keep_rows([])
     assert batch.rows == 0 and batch.positions == 0
     # an empty batch holds no memory: its buffers are new, not views of the old ones
     assert batch.layers[0].key_buf.untyped_storage().nbytes() == 0
     assert batch.layers[0].value_buf.untyped_storage().nbytes() == 0
+
+
+def test_batch_cache_spare_rows_stay_within_limits():
+    """Spare rows never take the buffers past the engine's row limit or its KV budget; a batch that starts
+    all at once (a static batch) gets none."""
+    H, D = 2, 4
+    src = PreallocatedCache(1, 40)
+    src.layers[0].update(torch.randn(8, H, 40, D), torch.randn(8, H, 40, D))
+    static = BatchCache(1, max_rows=16)
+    static.add_rows([(src, j, 0, 40) for j in range(8)])
+    assert static.layers[0].key_buf.shape[0] == 8
+    capped = BatchCache(1, max_rows=5)
+    capped.add_rows([(src, 0, 0, 40)])
+    capped.add_rows([(src, 1, 0, 40)])
+    assert capped.layers[0].key_buf.shape[0] == 5
+    tight = BatchCache(1, max_rows=16, budget=3 * 72)  # 3 rows of 40 + GROW columns
+    tight.add_rows([(src, 0, 0, 40)])
+    tight.add_rows([(src, 1, 0, 40)])
+    assert tight.layers[0].key_buf.shape[0] == 3
 
 
 def test_mixed_step_cache_layout_and_undo():
@@ -250,6 +295,23 @@ def test_mixed_step_cache_layout_and_undo():
     assert torch.equal(keys[:2, :, 4], k[:2, :, 0]) and torch.equal(values[:2, :, 4], -k[:2, :, 0])
     assert torch.equal(keys[2], k[2:, :, 0].transpose(0, 1))
     assert keys[0, :, 0].abs().sum() == 0 and keys[1, :, :2].abs().sum() == 0
+
+    # a joining row no longer than the batch's next column goes into a spare row of the same buffers
+    ptr, before_k = batch.layers[0].key_buf.data_ptr(), batch.layers[0].keys.clone()
+    batch.layers[0].key_buf[3:].fill_(7.0)  # whatever a row that left there wrote
+    step = MixedStep(batch, [2])
+    assert step.width == 6 and batch.layers[0].key_buf.data_ptr() == ptr
+    step.abort()
+    assert batch.lengths == [4, 3, 5] and torch.equal(batch.layers[0].keys, before_k)
+    step = MixedStep(batch, [2])
+    k = torch.randn(5, H, 1, D)
+    step.write(0, k, -k)
+    step.finish()
+    assert batch.lengths == [5, 4, 6, 2] and batch.width == 6 and batch.layers[0].key_buf.data_ptr() == ptr
+    keys = batch.layers[0].keys
+    assert torch.equal(keys[:3, :, :5], before_k) and torch.equal(keys[:3, :, 5], k[:3, :, 0])
+    assert torch.equal(keys[3, :, 4:], k[3:, :, 0].transpose(0, 1)) and keys[3, :, :4].abs().sum() == 0
+    assert batch.attention_mask(1)[3].tolist() == [0, 0, 0, 0, 1, 1, 1]
 
 
 def _running(pipe, req, n):
