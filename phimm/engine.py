@@ -658,11 +658,15 @@ class Engine:
         """Choose each row's next token from its `[V]` logits, emit it; returns whether each row goes on."""
         now = time.perf_counter()
         tokens: list[int | None] = [None] * len(rows)
-        plain = [i for i, r in enumerate(rows) if r.opts.argmax_at(len(r.sampled))]
+        # greedy rows with nothing to process: one argmax for all. Before `min_new_tokens` an end token is
+        # masked, which changes the choice only where the argmax is an end token: those rows go the long way
+        plain = [i for i, r in enumerate(rows) if r.opts.greedy_unprocessed]
         if plain:
             idx = torch.tensor(plain, device=logits.device)
             for i, t in zip(plain, logits.index_select(0, idx).argmax(-1).tolist()):
-                tokens[i] = t
+                r = rows[i]
+                if t not in r.eos or r.opts.argmax_at(len(r.sampled)):
+                    tokens[i] = t
         for i, r in enumerate(rows):
             if tokens[i] is None:
                 generated = torch.tensor([r.sampled], dtype=torch.long, device=logits.device)

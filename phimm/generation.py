@@ -70,6 +70,12 @@ class GenerationOptions:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer, got {self.seed!r}")
 
+    @property
+    def greedy_unprocessed(self) -> bool:
+        """Greedy with no repetition penalty: each token is the argmax of the raw logits, but for the end tokens
+        masked before `min_new_tokens`."""
+        return not self.do_sample and self.repetition_penalty == 1.0
+
     def argmax_at(self, step: int) -> bool:
         """Whether step `step`'s token is the plain argmax of the raw logits (greedy, nothing to process)."""
         return not self.do_sample and self.repetition_penalty == 1.0 and step >= self.min_new_tokens

@@ -35,6 +35,11 @@ def test_eos_stops_generation(tiny_pipe):
     assert out.token_ids == [] and out.finish_reason == "stop"
     out = tiny_pipe("hello", max_new_tokens=4, min_new_tokens=3, eos_token_id=first)
     assert len(out.token_ids) >= 3 and first not in out.token_ids[:3]
+    # before min_new_tokens the end token is masked: the next best token, also beside a row it does not stop
+    raw = tiny_pipe("hello", max_new_tokens=1, output_logits=True).logits[0].clone()
+    raw[first] = float("-inf")
+    both = tiny_pipe(["hello", "a longer prompt"], max_new_tokens=4, min_new_tokens=3, eos_token_id=first)
+    assert both[0].token_ids[:3] == out.token_ids[:3] and both[0].token_ids[0] == int(raw.argmax())
 
 
 def test_sampling_is_seeded(tiny_pipe):
