@@ -7,7 +7,6 @@ and its attention); phimm only decides, per row, which projector and which adapt
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -18,7 +17,7 @@ from adapters import NO_ADAPTER, AdapterDataError, LoraAdapter, LoraLinear, RowA
 from routers import AudioProjector
 
 from .errors import AdapterError, PlaceholderError, RouteError
-from .types import AudioInput, ImageInput, hd_grid
+from .types import AudioInput, ImageInput, hd_grid, tensor_digest
 
 def _cache_kwarg_of(decoder: nn.Module) -> str:
     """A decoder's name for its cache argument: `cache` from transformers 5.24 (`past_key_values` is then
@@ -77,15 +76,7 @@ class FeatureCache:
 
     @staticmethod
     def key(*parts) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        for p in parts:
-            if isinstance(p, torch.Tensor):
-                t = p.detach().cpu().contiguous()
-                h.update(str((t.dtype, tuple(t.shape))).encode())
-                h.update((t.view(torch.uint8) if t.dtype == torch.bfloat16 else t).numpy())  # no copy: its buffer
-            else:
-                h.update(repr(p).encode())
-        return h.digest()
+        return tensor_digest(*parts)
 
     def clear(self) -> None:
         self.entries.clear()
@@ -160,7 +151,11 @@ class MixtureModel(nn.Module):
 
     @property
     def embedding(self) -> nn.Module:
-        return self.hf.get_input_embeddings()
+        """The decoder's input embedding module (looked up once: a step asks for it, and for `device`, often)."""
+        emb = self.__dict__.get("_embedding")
+        if emb is None:
+            emb = self.__dict__["_embedding"] = self.hf.get_input_embeddings()
+        return emb
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def add_adapter(self, adapter: LoraAdapter) -> None:
@@ -184,9 +179,12 @@ class MixtureModel(nn.Module):
 
     def row_adapters(self, names: Sequence[str | None]) -> RowAdapters:
         """The per-row adapter argument of one forward: `names[i]` is row i's adapter (None: the base alone)."""
+        index = {n: i for i, n in enumerate(self.adapter_names)}
+        index[None] = None
         info = [self.adapter_info[n] for n in self.adapter_names]
-        return RowAdapters.for_rows([self.adapter_index(n) for n in names], [a.r for a in info],
-                                    [a.scale for a in info], device=self.device, dtype=self.dtype)
+        weight = self.embedding.weight
+        return RowAdapters.for_rows([index[n] for n in names], [a.r for a in info], [a.scale for a in info],
+                                    device=weight.device, dtype=weight.dtype)
 
     def export_adapter(self, name: str) -> LoraAdapter:
         """The adapter as loaded (its original tensors), for saving."""
@@ -200,7 +198,7 @@ class MixtureModel(nn.Module):
         """`[num_tokens, hidden]` LM embeddings for each image, all of them through the encoder in one call
         (`_image_features`), recently seen ones from the feature cache. `rows`: one adapter for all (it matters
         only where an adapter targets the encoder)."""
-        keys = [self.feature_cache.key(img.pixel_values, img.attention_mask, img.size, rows.uniform)
+        keys = [self.feature_cache.key(img.digest(), rows.uniform)
                 for img in images]
         return self._cached(keys, images, self._image_features, rows)
 
@@ -228,7 +226,7 @@ class MixtureModel(nn.Module):
     def audio_features_batch(self, audios: Sequence[AudioInput], projector: AudioProjector,
                              rows: RowAdapters = NO_ADAPTER) -> list[torch.Tensor]:
         """`audio_features` of several clips of equal length in one encoder call (each also cached)."""
-        keys = [self.feature_cache.key(a.features, projector.value, rows.uniform) for a in audios]
+        keys = [self.feature_cache.key(a.digest(), projector.value, rows.uniform) for a in audios]
         return self._cached(keys, audios, lambda todo: self._audio_features(todo, projector), rows)
 
     def _image_features(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:

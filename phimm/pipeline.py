@@ -76,6 +76,8 @@ class Preparer:
                                       f"{self.adapters or 'no adapters'}")
         if prepared.audios and route.audio_projector is None:
             raise RouteError(f"route {route} has no audio projector but the request has audio")
+        for medium in (*prepared.images, *prepared.audios):
+            medium.digest()  # the feature cache's key, made here (the caller's thread or process), not in the engine
         return prepared, route
 
 

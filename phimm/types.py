@@ -4,6 +4,7 @@ the processor or the model, so both import from here."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,19 @@ def hd_grid(attention_mask: torch.Tensor, size: tuple[int, int], crop: int, f: i
     return h_ratio, w_ratio, int(grid[:, 0].sum()), int(grid[0, :].sum())
 
 
+def tensor_digest(*parts) -> bytes:
+    """A 16-byte hash of tensors (dtype, shape and bytes) and other values (their repr)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            t = p.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update((t.view(torch.uint8) if t.dtype == torch.bfloat16 else t).numpy())  # no copy: its buffer
+        else:
+            h.update(repr(p).encode())
+    return h.digest()
+
+
 @dataclass
 class ImageInput:
     """One processed image: HD crops (global first), their patch masks, the padded HD size, its token count."""
@@ -55,6 +69,14 @@ class ImageInput:
     attention_mask: torch.Tensor  # [crops, crop/patch, crop/patch]
     size: tuple[int, int]  # (height, width) after the HD transform
     num_tokens: int
+    _digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def digest(self) -> bytes:
+        """A hash of the processed content (the feature cache's key), computed once: the server's HTTP process
+        makes it while it prepares the request, so the engine does not hash the crops again."""
+        if self._digest is None:
+            self._digest = tensor_digest(self.pixel_values, self.attention_mask, self.size)
+        return self._digest
 
 
 @dataclass
@@ -64,6 +86,13 @@ class AudioInput:
     features: torch.Tensor  # [frames, mel]
     num_tokens: int
     seconds: float
+    _digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def digest(self) -> bytes:
+        """A hash of the features (the feature cache's key), computed once (see `ImageInput.digest`)."""
+        if self._digest is None:
+            self._digest = tensor_digest(self.features)
+        return self._digest
 
 
 @dataclass

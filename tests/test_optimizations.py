@@ -3,7 +3,10 @@ grouped prefill."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+
 import torch
 
 import phimm
@@ -122,6 +125,22 @@ def test_feature_cache_returns_what_the_encoder_would(tiny_ckpt):
     cache.entries.clear()
     cold = pipe(req, max_new_tokens=3, output_logits=True)
     assert torch.equal(first.logits, cold.logits)
+
+
+def test_media_digest_is_made_at_prepare_and_tells_contents_apart(tiny_pipe):
+    import numpy as np
+
+    prepared, _ = tiny_pipe.prepare(_reqs()[3])
+    assert all(m._digest is not None for m in (*prepared.images, *prepared.audios))  # made by prepare
+    img = prepared.images[0]
+    other = dataclasses.replace(img, pixel_values=img.pixel_values.clone())
+    assert other._digest is None and other.digest() == img.digest()  # same content, same key
+    other = dataclasses.replace(img, pixel_values=img.pixel_values.clone())
+    other.pixel_values.view(-1)[0] += 1.0
+    assert other.digest() != img.digest()
+    clip = prepared.audios[0]
+    shifted = dataclasses.replace(clip, features=clip.features + np.float32(1e-3))
+    assert shifted.digest() != clip.digest()
 
 
 def test_bucketed_prefill_rows_equal_alone(tiny_pipe):
