@@ -17,6 +17,14 @@ broadcast (or repeated per head) to match; nothing is copied per head. Two kerne
   two are within ~10 % (`phimm bench --decode-attention` times both inside decode steps). Used for `softcap`,
   which sdpa lacks.
 
+A decode step's rows are right-aligned in the batch cache (`phimm.cache.BatchCache`): row i sees the last `L_i`
+of the `T` columns. When they differ much in length (an image row of a thousand positions beside text rows of
+fifty), one call over all `T` columns reads keys and values that the mask then hides. For one query position and
+a right-aligned boolean mask, `decode_attention` therefore splits the rows (`split_plan`): one call for every row
+over the last `t` columns, then a call of its own, over exactly its `L_i` columns and with no mask, for each row
+longer than `t` (its result replaces the first call's). `t` is chosen to read the fewest bytes, each extra call
+counted as `SPLIT_CALL_BYTES` more; where no split saves anything, nothing changes.
+
 Prefill (`q_len > MAX_QUERY_LEN`, or no cached positions before the queries) and anything this path does not
 cover (dropout in training, a position bias, a mask it cannot broadcast, non-CPU tensors) go to transformers'
 sdpa function unchanged. The mask is transformers' sdpa mask (`sdpa_mask` is registered for the same name):
@@ -28,6 +36,8 @@ their own). `phimm.model.Phi4MMComposition` does that at load while `ENABLED` is
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -42,6 +52,11 @@ MAX_QUERY_LEN = 4
 KERNEL = "flash"
 # "matmul": at most this many cached elements per (row, KV head) (T * head_dim), bf16/fp16 K and V go to fp32
 UPCAST_ELEMENTS = 128 * 128
+# splitting a decode step's rows by length (`split_plan`): what one more kernel call costs, as K/V bytes read
+# (about 20 us at ~13 GB/s); 0 disables the split
+SPLIT_CALL_BYTES = 1 << 18
+# at most this many rows get a call of their own
+SPLIT_MAX_ROWS = 8
 
 
 def _sdpa():
@@ -80,8 +95,64 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     that sees no position gets zeros (as sdpa gives)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if softcap is not None or (kernel or KERNEL) == "matmul":
-        return _matmul_attention(query, key, value, attention_mask, scale, softcap)
-    return _flash_attention(query, key, value, attention_mask, scale)
+        def one(q, k, v, m):
+            return _matmul_attention(q, k, v, m, scale, softcap)
+    else:
+        def one(q, k, v, m):
+            return _flash_attention(q, k, v, m, scale)
+    plan = _plan_for(attention_mask, key, value) if query.shape[2] == 1 else None
+    if plan is None:
+        return one(query, key, value, attention_mask)
+    t, longer = plan
+    T = key.shape[2]
+    out = one(query, key[:, :, T - t:], value[:, :, T - t:], attention_mask[..., T - t:])
+    for i, n in longer:  # each longer row over exactly its own columns: nothing masked
+        out[i:i + 1] = one(query[i:i + 1], key[i:i + 1, :, T - n:], value[i:i + 1, :, T - n:], None)
+    return out
+
+
+def split_plan(lengths: list[int], width: int, column_bytes: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """How to split a decode step's attention over right-aligned rows of `lengths` visible columns (of `width`;
+    `column_bytes`: K and V bytes of one row's column): `(t, [(row, length), ...])`, one call for all rows over
+    the last `t` columns and one per listed row over its own, or None when one call over `width` reads least."""
+    if not SPLIT_CALL_BYTES or len(lengths) < 2 or min(lengths) < 1:
+        return None
+    call = SPLIT_CALL_BYTES / max(1, column_bytes)  # an extra call, in columns
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    B = len(lengths)
+    best_cost, best = B * width, None
+    extra = 0.0
+    for k in range(min(SPLIT_MAX_ROWS, B - 1) + 1):
+        t = lengths[order[k]]  # the k longest rows get their own calls; the rest fit in the last t columns
+        cost = B * t + extra
+        if cost < best_cost:
+            best_cost, best = cost, (t, [(i, lengths[i]) for i in order[:k]])
+        extra += lengths[order[k]] + call
+    return best
+
+
+_last_plan = threading.local()  # (mask, plan) of the last mask seen on this thread: a forward's layers share one
+
+
+def _plan_for(mask, key, value):
+    """`split_plan` for a boolean mask `[B, 1, 1, T]` whose rows each see a right-aligned run of columns (else
+    None), made once per mask (every layer of a forward gets the same mask object)."""
+    if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
+            or mask.shape[0] != key.shape[0] or mask.shape[0] < 2 or not SPLIT_CALL_BYTES):
+        return None
+    last = getattr(_last_plan, "value", None)
+    if last is not None and last[0] is mask:
+        return last[1]
+    m = mask[:, 0, 0]  # [B, T]
+    T = m.shape[-1]
+    lengths = m.sum(-1)
+    aligned = torch.arange(T, device=m.device)[None, :] >= (T - lengths)[:, None]
+    plan = None
+    if torch.equal(m, aligned):
+        column_bytes = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+        plan = split_plan(lengths.tolist(), T, column_bytes)
+    _last_plan.value = (mask, plan)
+    return plan
 
 
 def _flash_attention(query, key, value, attention_mask, scale: float) -> torch.Tensor:

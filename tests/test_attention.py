@@ -172,3 +172,38 @@ def test_tiny_model_tokens_and_logits_equal_sdpa(tiny_ckpt, monkeypatch):
         torch.testing.assert_close(got.logits[0], want.logits[0], rtol=0, atol=1e-5)
         assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) <= 1e-5
     assert calls and max(s[2] for s in calls) > 400  # decode steps of the image row went through it
+
+
+@pytest.mark.parametrize("kernel", ["flash", "matmul"])
+def test_rows_of_very_different_lengths_split_into_calls_of_their_own_width(kernel, monkeypatch):
+    """Right-aligned rows (a decode step over the batch cache): the long rows get calls over exactly their own
+    columns, the others one call over the last few columns; the result is the one call's over every column."""
+    from phimm import attention
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, hkv, D, T = 6, 4, 2, 8, 300
+    lengths = [300, 12, 25, 7, 260, 40]
+    query = torch.randn(B, H, 1, D, generator=gen)
+    key, value = torch.randn(B, hkv, T, D, generator=gen), torch.randn(B, hkv, T, D, generator=gen)
+    mask = (torch.arange(T)[None, :] >= (T - torch.tensor(lengths))[:, None])[:, None, None, :]
+    monkeypatch.setattr(attention, "SPLIT_CALL_BYTES", 0)
+    whole = decode_attention(query, key, value, mask, scaling=0.3, kernel=kernel)
+    monkeypatch.setattr(attention, "SPLIT_CALL_BYTES", 64 * hkv * 2 * D * 4)  # a call: 64 columns
+    plan = attention.split_plan(lengths, T, hkv * 2 * D * 4)
+    assert plan is not None and plan[0] == 40 and sorted(plan[1]) == [(0, 300), (4, 260)]
+    calls = []
+    real = attention._flash_attention if kernel == "flash" else attention._matmul_attention
+    monkeypatch.setattr(attention, "_flash_attention" if kernel == "flash" else "_matmul_attention",
+                        lambda q, k, v, m, *a: calls.append(k.shape[2]) or real(q, k, v, m, *a))
+    split = decode_attention(query, key, value, mask, scaling=0.3, kernel=kernel)
+    assert sorted(calls) == [40, 260, 300]
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(split, _sdpa(query, key, value, mask, 0.3), rtol=0, atol=1e-5)
+    # a mask that is not right-aligned is not split
+    holes = mask.clone()
+    holes[0, 0, 0, 100] = False
+    calls.clear()
+    decode_attention(query, key, value, holes, scaling=0.3, kernel=kernel)
+    assert calls == [T]
+    # rows of about one length: one call
+    assert attention.split_plan([300, 290, 280], 300, hkv * 2 * D * 4) is None
