@@ -140,10 +140,12 @@ def media_pool(size: str, seed: int = 0) -> dict[str, list[tuple[str, bytes | No
 
 
 def make_items(size: str, clients: int, per_client: int, seed: int = 0, max_tokens: int = 16,
-               fixed_length: bool = False) -> list[list[Item]]:
+               fixed_length: bool = False, unique_media: bool = False) -> list[list[Item]]:
     """`per_client` requests for each of `clients` clients; client c's j-th request takes route (c + j) mod 4,
     so every route is in flight at once; within a route the examples are used in turn. Each request's length is
-    `max_tokens` x one of (1/4, 1/2, 3/4, 1), drawn with `seed` (or `max_tokens` for all, `fixed_length`)."""
+    `max_tokens` x one of (1/4, 1/2, 3/4, 1), drawn with `seed` (or `max_tokens` for all, `fixed_length`).
+    `unique_media`: every request's image and clip made distinct (`distinct_media`), so that no cache of processed
+    media or encoder features serves a repeat; otherwise the few examples recur, as a conversation's media do."""
     import random
 
     rng = random.Random(f"bench-serve:{seed}")
@@ -157,11 +159,36 @@ def make_items(size: str, clients: int, per_client: int, seed: int = 0, max_toke
             kind = KINDS[(c + j) % len(KINDS)]
             text, image, audio = pool[kind][used[kind] % len(pool[kind])]
             used[kind] += 1
+            if unique_media:
+                image, audio = distinct_media(image, audio, index)
             n = max_tokens if fixed_length else max(1, round(max_tokens * rng.choice((0.25, 0.5, 0.75, 1.0))))
             mine.append(Item(index, c, kind, text, image, audio, n))
             index += 1
         out.append(mine)
     return out
+
+
+def distinct_media(png: bytes | None, wav: bytes | None, index: int) -> tuple[bytes | None, bytes | None]:
+    """The same image and clip, changed just enough to be other files: one pixel's colour (PNG) and one
+    sample's value (16-bit WAV) set from `index`."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    if png is not None:
+        img = Image.open(io.BytesIO(png)).convert("RGB")
+        img.putpixel((0, 0), (index % 256, (index // 256) % 256, 7))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        png = buf.getvalue()
+    if wav is not None:
+        data, rate = sf.read(io.BytesIO(wav), dtype="int16")
+        data = np.array(data, copy=True)
+        data.reshape(-1)[0] = np.int16(index % 30000)
+        buf = io.BytesIO()
+        sf.write(buf, data, rate, format="WAV", subtype="PCM_16")
+        wav = buf.getvalue()
+    return png, wav
 
 
 def visible_checkpoint(ckpt: Path) -> Path:
@@ -557,7 +584,7 @@ def run(args) -> dict:
 
         model = str(visible_checkpoint(make_checkpoint(size, workdir)))
     items_by_client = make_items(size, args.clients, args.requests_per_client, args.seed, max_tokens,
-                                 args.fixed_length)
+                                 args.fixed_length, getattr(args, "unique_media", False))
     n_requests = args.clients * args.requests_per_client
     bodies = {i.index: i.chat_body(i.tokens, i.tokens) for items in items_by_client for i in items}
     lengths = {i.index: i.tokens for items in items_by_client for i in items}
@@ -573,6 +600,7 @@ def run(args) -> dict:
         "clients": args.clients, "requests_per_client": args.requests_per_client, "requests": n_requests,
         "size": size, "model": model or "embedded", "dtype": dtype, "threads": threads,
         "max_tokens": max_tokens, "fixed_length": bool(args.fixed_length),
+        "unique_media": bool(getattr(args, "unique_media", False)),
         "request_tokens": sorted(lengths.values()), "stagger_s": args.stagger_s,
         "itl_note": "server modes: gaps between streamed content chunks; static: each row's decode time over its "
                     "tokens (rows of a static batch decode in lockstep)",
@@ -629,6 +657,7 @@ def run_ray(args, items_by_client, bodies, lengths, size, model, dtype, max_toke
                         "ray": f"{args.replicas} Ray replicas x {per_replica} thread(s) (`phimm serve --ray "
                                f"--replicas {args.replicas} --threads {per_replica}`)"},
         "max_tokens": max_tokens, "fixed_length": bool(args.fixed_length),
+        "unique_media": bool(getattr(args, "unique_media", False)),
         "request_tokens": sorted(lengths.values()), "stagger_s": args.stagger_s,
         "itl_note": "gaps between streamed content chunks",
     }
@@ -734,6 +763,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: float32 for embedded, bfloat16 for 209m")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the server and the static mode (default: PHIMM_THREADS or one per two cores)")
+    p.add_argument("--unique-media", action="store_true",
+                   help="every request's image and clip distinct (no processed-media or feature cache hits); by "
+                        "default the demo's few examples recur, as a conversation's media do")
     p.add_argument("--stagger-s", type=float, default=0.01, help="client c starts c * this many seconds late")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds any one HTTP request may take")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds the server may take to load")

@@ -4,7 +4,10 @@ so that a row's input never depends on what else is in its batch)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,63 @@ def image_token_count(attention_mask: torch.Tensor, size: tuple[int, int], crop:
     return f * f + f + 1 + useful_h * useful_w + useful_h
 
 
+class MediaCache:
+    """Processed media of recently seen encoded files (`bytes`: what a server decodes from base64), by a hash of
+    those bytes: a chat client sends the whole conversation, its image or clip included, at every turn, and each
+    repeat skips decoding, the HD transform or the log-mel features. The entry is the same `ImageInput` /
+    `AudioInput` object (nothing downstream writes to it). At most `max_bytes` of tensors; thread-safe. Only
+    successes are kept: bad media fail again, with the same error."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(item) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(item).values() if isinstance(t, torch.Tensor))
+
+    def get_or_make(self, kind: str, data, make):
+        """`make(data)`, or what it gave for these bytes before. Inputs other than bytes are not cached."""
+        if self.max_bytes <= 0 or not isinstance(data, (bytes, bytearray, memoryview)):
+            return make(data)
+        key = (kind, hashlib.blake2b(data, digest_size=16).digest())
+        with self._lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        item = make(data)
+        size = self._size(item)
+        if size <= self.max_bytes:
+            with self._lock:
+                if key not in self.entries:
+                    self.entries[key] = item
+                    self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    _, old = self.entries.popitem(last=False)
+                    self.nbytes -= self._size(old)
+        return item
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
+
+    def __getstate__(self):  # a copy for another process starts empty
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_bytes"])
+
+
 class Processor:
-    """Turns a `Request` into `Prepared` input for one model."""
+    """Turns a `Request` into `Prepared` input for one model. Encoded media given as bytes are processed once
+    while they stay in `media_cache`."""
 
     def __init__(self, tokenizer, image_processor, feature_extractor, *, image_token_id: int, audio_token_id: int,
                  crop_size: int, patch_size: int):
@@ -47,6 +105,7 @@ class Processor:
             tokenizer.chat_template = PHI4MM_CHAT_TEMPLATE
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         self.audio_token = tokenizer.convert_ids_to_tokens(audio_token_id)
+        self.media_cache = MediaCache()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config) -> "Processor":
@@ -134,8 +193,11 @@ class Processor:
         text, images, audios = self.render(request)
         pieces = _split_placeholders(text, len(images), len(audios))
         # media in placeholder order
-        image_inputs = {i: self.process_image(images[i]) for i in {idx for kind, idx in pieces if kind == "image"}}
-        audio_inputs = {i: self.process_audio(audios[i]) for i in {idx for kind, idx in pieces if kind == "audio"}}
+        cache = getattr(self, "media_cache", None) or MediaCache(0)
+        image_inputs = {i: cache.get_or_make("image", images[i], self.process_image)
+                        for i in {idx for kind, idx in pieces if kind == "image"}}
+        audio_inputs = {i: cache.get_or_make("audio", audios[i], self.process_audio)
+                        for i in {idx for kind, idx in pieces if kind == "audio"}}
         parts, ordered_images, ordered_audios = [], [], []
         for kind, value in pieces:
             if kind == "text":

@@ -55,3 +55,33 @@ def test_bench_serve_tiny(tmp_path):
         want = {"text": "none", "image": "vision", "audio": "speech", "image+audio": "vision+"}[p["kind"]]
         assert route == want or (want.endswith("+") and route.startswith(want)), p
     assert "| continuous batching" in md.read_text() and "| continuous batching" in proc.stdout
+
+
+@pytest.mark.skipif(not EMBEDDED.is_file(), reason="needs the embedded model")
+def test_unique_media_makes_every_request_s_files_distinct():
+    import hashlib
+    import io
+
+    import soundfile as sf
+    from PIL import Image
+
+    from phimm.bench_serve import make_items
+
+    same = [i for c in make_items("embedded", 4, 4) for i in c]
+    unique = [i for c in make_items("embedded", 4, 4, unique_media=True) for i in c]
+    assert [(i.kind, i.text, i.tokens) for i in same] == [(i.kind, i.text, i.tokens) for i in unique]
+
+    def digests(items, attr):
+        return [hashlib.blake2b(getattr(i, attr)).hexdigest() for i in items if getattr(i, attr)]
+
+    for attr in ("image", "audio"):
+        assert len(set(digests(same, attr))) < len(digests(same, attr))  # the examples recur
+        assert len(set(digests(unique, attr))) == len(digests(unique, attr))  # every file its own
+    for a, b in zip(same, unique):
+        if a.image:
+            x, y = Image.open(io.BytesIO(a.image)).convert("RGB"), Image.open(io.BytesIO(b.image)).convert("RGB")
+            assert x.size == y.size and sum(p != q for p, q in zip(x.getdata(), y.getdata())) <= 1
+        if a.audio:
+            x, rx = sf.read(io.BytesIO(a.audio), dtype="int16")
+            y, ry = sf.read(io.BytesIO(b.audio), dtype="int16")
+            assert rx == ry and x.shape == y.shape and (x != y).sum() <= 1

@@ -119,3 +119,54 @@ def test_chat_messages_with_content_parts(tiny_pipe, image, audio):
 def test_bad_prompts(tiny_pipe, req, match):
     with pytest.raises(PromptError, match=match):
         tiny_pipe(req)
+
+
+def test_encoded_media_are_processed_once_while_cached(tiny_pipe):
+    """The same encoded file (bytes, as a server decodes them) is decoded and transformed once: a repeat gets the
+    same processed object; other bytes, media not given as bytes, and bad files are not served from the cache;
+    the cache stays within its byte limit, and a copy for another process starts empty."""
+    import io
+    import pickle
+
+    import soundfile as sf
+    import torch
+
+    from phimm.errors import ImageError, MediaError
+    from phimm.processor import MediaCache
+
+    proc = tiny_pipe.processor
+    saved = proc.media_cache
+    proc.media_cache = cache = MediaCache()
+    try:
+        def png(seed):
+            buf = io.BytesIO()
+            make_image(seed).save(buf, format="PNG")
+            return buf.getvalue()
+
+        buf = io.BytesIO()
+        sf.write(buf, *make_audio(1), format="WAV")
+        wav = buf.getvalue()
+        first = proc.prepare(phimm.Request(prompt="<|image|><|audio|>what", images=[png(0)], audios=[wav]))
+        again = proc.prepare(phimm.Request(prompt="<|image|><|audio|>what", images=[png(0)], audios=[wav]))
+        assert (cache.misses, cache.hits) == (2, 2)
+        assert again.images[0] is first.images[0] and again.audios[0] is first.audios[0]
+        assert again.input_ids == first.input_ids
+        fresh = proc.process_image(png(0))  # what the processor makes without the cache
+        assert torch.equal(fresh.pixel_values, first.images[0].pixel_values) and fresh.size == first.images[0].size
+        other = proc.prepare(phimm.Request(prompt="<|image|>what", images=[png(1)]))
+        assert other.images[0] is not first.images[0] and cache.misses == 3
+        proc.prepare(phimm.Request(prompt="<|image|>what", images=[make_image(0)]))  # a PIL image: not cached
+        assert (cache.misses, cache.hits) == (3, 2)
+        for _ in range(2):  # bad bytes fail every time
+            with pytest.raises((ImageError, MediaError)):
+                proc.prepare(phimm.Request(prompt="<|image|>what", images=[b"not an image"]))
+        assert len(cache.entries) == 3
+        # the byte limit: room for about one image's tensors
+        one = MediaCache._size(first.images[0])
+        cache.max_bytes = one + 1
+        proc.prepare(phimm.Request(prompt="<|image|>what", images=[png(2)]))
+        assert cache.nbytes <= cache.max_bytes and len(cache.entries) == 1
+        copy = pickle.loads(pickle.dumps(cache))
+        assert copy.entries == {} and copy.max_bytes == cache.max_bytes
+    finally:
+        proc.media_cache = saved
