@@ -447,3 +447,41 @@ def test_worker_messages_carry_tensors_as_bytes():
     back[2]["t"][0].add_(1)  # writable, and a copy
     assert not torch.equal(back[2]["t"][0], tensors[0])
     assert isinstance(back[3], ContextLengthError) and "too long" in str(back[3])
+
+
+def test_media_cross_the_pipe_once_while_both_ends_hold_them():
+    """The HTTP side's and the worker's `MediaTable`s: a medium the worker holds crosses as its digest; with
+    evictions (a small byte limit) and repeats within a request, every request arrives with its own media, and
+    both tables hold the same media in the same order after every message."""
+    import pickle
+    import random
+
+    import torch
+
+    from phimm.serve.worker import MediaRef, MediaTable, _dumps
+    from phimm.types import AudioInput, ImageInput, Prepared
+
+    gen = torch.Generator().manual_seed(0)
+    pool = [ImageInput(torch.randn(2, 3, 8, 8, generator=gen), torch.ones(2, 4, 4, dtype=torch.bool), (8, 8), 5)
+            for _ in range(4)]
+    pool += [AudioInput(torch.randn(20, 8, generator=gen), 3, 0.5) for _ in range(3)]
+    size = MediaTable._size(pool[0])
+    http, worker = MediaTable(max_bytes=3 * size), MediaTable(max_bytes=3 * size)
+    rng = random.Random(0)
+    refs = 0
+    for _ in range(60):
+        images = [m for m in rng.choices(pool[:4], k=rng.randint(0, 2))]
+        audios = [m for m in rng.choices(pool[4:], k=rng.randint(0, 2))]
+        prepared = Prepared([1, 2, 3], images, audios)
+        sent = http.encode(prepared)
+        refs += sum(isinstance(m, MediaRef) for m in sent.images + sent.audios)
+        got = worker.decode(pickle.loads(_dumps(sent)))
+        for a, b in zip(images + audios, got.images + got.audios):
+            assert type(a) is type(b) and a.digest() == b.digest()
+            assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values())
+                       if isinstance(x, torch.Tensor))
+        assert list(http.entries) == list(worker.entries) and http.nbytes == worker.nbytes <= 3 * size
+        assert prepared.images == images  # the request itself is left as it was
+    assert refs > 20
+    with pytest.raises(KeyError):  # a reference the worker lacks is an error, not a wrong medium
+        MediaTable().decode(Prepared([1], [MediaRef(b"x" * 16)], []))

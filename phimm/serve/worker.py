@@ -11,6 +11,12 @@ worker process that runs the engine; the HTTP process prepares requests (tokens,
     stream (asyncio queue)      <--("deltas")--   sender thread: every delta since its last send, in one message
     stream.cancel()             --("cancel")-->   the engine ends the row at its next step
 
+A request's image crops and audio features are most of its bytes on the pipe (hundreds of kilobytes to tens of
+megabytes), and a chat sends the same image at every turn. Both ends keep a `MediaTable` of the media sent
+lately: a medium the worker already holds crosses as its digest only. The two tables change in the same order
+(the HTTP side decides under the send lock, the worker reads messages in order), with the same byte limit, so
+they always hold the same media.
+
 `EngineProcess` offers what the app calls on a `Pipeline` (`open`, `stats`, `adapters`, `name`, `close`), so the
 app serves either. If the worker dies, every open request ends with `EngineClosedError` and /health says so.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import itertools
 import logging
@@ -26,6 +33,7 @@ import multiprocessing
 import pickle
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -38,6 +46,69 @@ from ..types import Output
 log = logging.getLogger("phimm.serve.worker")
 
 STATS_EVERY_S = 0.25  # the worker sends the engine's counts at least this often while busy, and each second idle
+MEDIA_TABLE_BYTES = 128 << 20  # the media each end of the pipe keeps (tensor bytes), so that repeats cross by digest
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaRef:
+    """A medium the worker already holds, by its digest (`ImageInput.digest` / `AudioInput.digest`)."""
+
+    digest: bytes
+
+
+class MediaTable:
+    """The media one end of the pipe has sent or received lately, least recently used first out, at most
+    `max_bytes` of tensors (a medium larger than that is never kept). The HTTP side's `encode` and the worker's
+    `decode` make the same changes for the same message, so the two tables stay equal."""
+
+    def __init__(self, max_bytes: int = MEDIA_TABLE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[bytes, Any] = OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(medium) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(medium).values() if isinstance(t, torch.Tensor))
+
+    def _add(self, digest: bytes, medium) -> None:
+        size = self._size(medium)
+        if size > self.max_bytes:
+            return
+        self.entries[digest] = medium
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= self._size(old)
+
+    def _map(self, prepared, one):
+        return dataclasses.replace(prepared, images=[one(m) for m in prepared.images],
+                                   audios=[one(m) for m in prepared.audios])
+
+    def encode(self, prepared):
+        """`prepared` as it crosses: each medium the other end holds as a `MediaRef`."""
+        def one(m):
+            d = m.digest()
+            if d in self.entries:
+                self.entries.move_to_end(d)
+                return MediaRef(d)
+            self._add(d, m)
+            return m
+        return self._map(prepared, one)
+
+    def decode(self, prepared):
+        """`prepared` as it was sent, each `MediaRef` resolved; raises `KeyError` for one this end lacks."""
+        def one(m):
+            if isinstance(m, MediaRef):
+                medium = self.entries[m.digest]
+                self.entries.move_to_end(m.digest)
+                return medium
+            d = m.digest()
+            if d in self.entries:  # sent in full although held (cannot happen while the tables agree)
+                self.entries.move_to_end(d)
+            else:
+                self._add(d, m)
+            return m
+        return self._map(prepared, one)
 
 
 def _tensor_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -88,6 +159,7 @@ class EngineProcess:
         self._proc.start()
         child.close()
         self._send_lock = threading.Lock()
+        self._media = MediaTable()  # what the worker holds (changed only under the send lock)
         self._ids = itertools.count(1)
         self._streams: dict[int, RequestStream] = {}
         self._opening: dict[int, list] = {}  # rid -> [event, error or None]
@@ -131,7 +203,19 @@ class EngineProcess:
             self._opening[rid] = [done, None, None]
         arrival = time.perf_counter() if arrival is None else arrival  # CLOCK_MONOTONIC: shared by processes
         try:
-            self._send((msg, rid, x, generation, arrival, clip_to_context))
+            if msg == "submit":
+                prepared, route = x
+                with self._send_lock:  # the table changes in the order the worker reads the messages
+                    before = (self._media.entries.copy(), self._media.nbytes)
+                    try:
+                        data = _dumps((msg, rid, (self._media.encode(prepared), route), generation, arrival,
+                                       clip_to_context))
+                    except BaseException:  # not sent: the worker's table did not change either
+                        self._media.entries, self._media.nbytes = before
+                        raise
+                    self._conn.send_bytes(data)
+            else:
+                self._send((msg, rid, x, generation, arrival, clip_to_context))
         except (OSError, ValueError) as e:
             raise EngineClosedError(f"the engine worker is gone: {e}") from None
         done.wait()
@@ -236,6 +320,7 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
     cond = threading.Condition()
     send_lock = threading.Lock()  # the main thread and the sender thread both send
     streams: dict[int, RequestStream] = {}
+    media = MediaTable()  # what the HTTP process has sent lately (its own table is the same)
     stop = threading.Event()
 
     def send(msg) -> None:
@@ -281,8 +366,13 @@ def _worker_main(load_kwargs: dict[str, Any], conn) -> None:
                 _, rid, x, generation, arrival, clip = msg
                 try:
                     if kind == "submit":  # prepared and routed by the HTTP process
-                        stream = pipe.open_prepared(*x, arrival=arrival, clip_to_context=clip, sink=sink_for(rid),
-                                                    **generation)
+                        try:
+                            prepared = media.decode(x[0])
+                        except KeyError:
+                            raise EngineClosedError("a medium this request refers to is not in the worker's "
+                                                    "table (the two ends of the pipe disagree)") from None
+                        stream = pipe.open_prepared(prepared, x[1], arrival=arrival, clip_to_context=clip,
+                                                    sink=sink_for(rid), **generation)
                     else:
                         stream = pipe.open(x, arrival=arrival, clip_to_context=clip, sink=sink_for(rid),
                                            **generation)
