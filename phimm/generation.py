@@ -78,7 +78,7 @@ class GenerationOptions:
 
     def argmax_at(self, step: int) -> bool:
         """Whether step `step`'s token is the plain argmax of the raw logits (greedy, nothing to process)."""
-        return not self.do_sample and self.repetition_penalty == 1.0 and step >= self.min_new_tokens
+        return self.greedy_unprocessed and step >= self.min_new_tokens
 
 
 def _from_generation_config(gc) -> dict:

@@ -17,7 +17,7 @@ from routers import RouteInput
 
 from .errors import PlaceholderError, PromptError
 from .tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, PHI4MM_CHAT_TEMPLATE
-from .types import AudioInput, ImageInput, Prepared, Request, hd_grid
+from .types import AudioInput, ImageInput, Prepared, Request, hd_grid, tensor_nbytes
 
 # <|image|>, <|image_3|>, <|audio|>, <|audio_1|>; the raw placeholder tokens count too.
 _PLACEHOLDER = re.compile(r"<\|(image|audio)(?:_(\d+))?\|>|" + re.escape(IMAGE_TOKEN) + "|" + re.escape(AUDIO_TOKEN))
@@ -48,10 +48,6 @@ class MediaCache:
         self.hits = self.misses = 0
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _size(item) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(item).values() if isinstance(t, torch.Tensor))
-
     def get_or_make(self, kind: str, data, make):
         """`make(data)`, or what it gave for these bytes before. Inputs other than bytes are not cached."""
         if self.max_bytes <= 0 or not isinstance(data, (bytes, bytearray, memoryview)):
@@ -65,7 +61,7 @@ class MediaCache:
                 return hit
             self.misses += 1
         item = make(data)
-        size = self._size(item)
+        size = tensor_nbytes(item)
         if size <= self.max_bytes:
             with self._lock:
                 if key not in self.entries:
@@ -73,7 +69,7 @@ class MediaCache:
                     self.nbytes += size
                 while self.nbytes > self.max_bytes:
                     _, old = self.entries.popitem(last=False)
-                    self.nbytes -= self._size(old)
+                    self.nbytes -= tensor_nbytes(old)
         return item
 
     def clear(self) -> None:

@@ -61,6 +61,11 @@ def tensor_digest(*parts) -> bytes:
     return h.digest()
 
 
+def tensor_nbytes(obj) -> int:
+    """Bytes of the tensors among `obj`'s attributes (a processed medium's size, for caches bounded in bytes)."""
+    return sum(t.numel() * t.element_size() for t in vars(obj).values() if isinstance(t, torch.Tensor))
+
+
 @dataclass
 class ImageInput:
     """One processed image: HD crops (global first), their patch masks, the padded HD size, its token count."""

@@ -133,6 +133,7 @@ def test_encoded_media_are_processed_once_while_cached(tiny_pipe):
 
     from phimm.errors import ImageError, MediaError
     from phimm.processor import MediaCache
+    from phimm.types import tensor_nbytes
 
     proc = tiny_pipe.processor
     saved = proc.media_cache
@@ -162,7 +163,7 @@ def test_encoded_media_are_processed_once_while_cached(tiny_pipe):
                 proc.prepare(phimm.Request(prompt="<|image|>what", images=[b"not an image"]))
         assert len(cache.entries) == 3
         # the byte limit: room for about one image's tensors
-        one = MediaCache._size(first.images[0])
+        one = tensor_nbytes(first.images[0])
         cache.max_bytes = one + 1
         proc.prepare(phimm.Request(prompt="<|image|>what", images=[png(2)]))
         assert cache.nbytes <= cache.max_bytes and len(cache.entries) == 1

@@ -459,13 +459,13 @@ def test_media_cross_the_pipe_once_while_both_ends_hold_them():
     import torch
 
     from phimm.serve.worker import MediaRef, MediaTable, _dumps
-    from phimm.types import AudioInput, ImageInput, Prepared
+    from phimm.types import AudioInput, ImageInput, Prepared, tensor_nbytes
 
     gen = torch.Generator().manual_seed(0)
     pool = [ImageInput(torch.randn(2, 3, 8, 8, generator=gen), torch.ones(2, 4, 4, dtype=torch.bool), (8, 8), 5)
             for _ in range(4)]
     pool += [AudioInput(torch.randn(20, 8, generator=gen), 3, 0.5) for _ in range(3)]
-    size = MediaTable._size(pool[0])
+    size = tensor_nbytes(pool[0])
     http, worker = MediaTable(max_bytes=3 * size), MediaTable(max_bytes=3 * size)
     rng = random.Random(0)
     refs = 0

@@ -41,7 +41,7 @@ import torch
 
 from ..engine import Delta, RequestStream
 from ..errors import EngineClosedError, PhimmError
-from ..types import Output
+from ..types import Output, tensor_nbytes
 
 log = logging.getLogger("phimm.serve.worker")
 
@@ -66,19 +66,15 @@ class MediaTable:
         self.entries: OrderedDict[bytes, Any] = OrderedDict()
         self.nbytes = 0
 
-    @staticmethod
-    def _size(medium) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(medium).values() if isinstance(t, torch.Tensor))
-
     def _add(self, digest: bytes, medium) -> None:
-        size = self._size(medium)
+        size = tensor_nbytes(medium)
         if size > self.max_bytes:
             return
         self.entries[digest] = medium
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             _, old = self.entries.popitem(last=False)
-            self.nbytes -= self._size(old)
+            self.nbytes -= tensor_nbytes(old)
 
     def _map(self, prepared, one):
         return dataclasses.replace(prepared, images=[one(m) for m in prepared.images],
