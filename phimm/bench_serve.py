@@ -584,7 +584,7 @@ def run(args) -> dict:
 
         model = str(visible_checkpoint(make_checkpoint(size, workdir)))
     items_by_client = make_items(size, args.clients, args.requests_per_client, args.seed, max_tokens,
-                                 args.fixed_length, getattr(args, "unique_media", False))
+                                 args.fixed_length, args.unique_media)
     n_requests = args.clients * args.requests_per_client
     bodies = {i.index: i.chat_body(i.tokens, i.tokens) for items in items_by_client for i in items}
     lengths = {i.index: i.tokens for items in items_by_client for i in items}
@@ -600,7 +600,7 @@ def run(args) -> dict:
         "clients": args.clients, "requests_per_client": args.requests_per_client, "requests": n_requests,
         "size": size, "model": model or "embedded", "dtype": dtype, "threads": threads,
         "max_tokens": max_tokens, "fixed_length": bool(args.fixed_length),
-        "unique_media": bool(getattr(args, "unique_media", False)),
+        "unique_media": bool(args.unique_media),
         "request_tokens": sorted(lengths.values()), "stagger_s": args.stagger_s,
         "itl_note": "server modes: gaps between streamed content chunks; static: each row's decode time over its "
                     "tokens (rows of a static batch decode in lockstep)",
@@ -657,7 +657,7 @@ def run_ray(args, items_by_client, bodies, lengths, size, model, dtype, max_toke
                         "ray": f"{args.replicas} Ray replicas x {per_replica} thread(s) (`phimm serve --ray "
                                f"--replicas {args.replicas} --threads {per_replica}`)"},
         "max_tokens": max_tokens, "fixed_length": bool(args.fixed_length),
-        "unique_media": bool(getattr(args, "unique_media", False)),
+        "unique_media": bool(args.unique_media),
         "request_tokens": sorted(lengths.values()), "stagger_s": args.stagger_s,
         "itl_note": "gaps between streamed content chunks",
     }
