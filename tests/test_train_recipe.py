@@ -252,6 +252,9 @@ def test_lm_batch_schedule():
     # the task mix follows lm_task_weights: a task weighing 0 never comes, the others do
     no_asr = Options(**small, lm_first="", lm_mixed_batches=True, lm_task_weights="asr:0,vqa:1,svqa:1,text:1")
     assert set(sum((tasks(no_asr, step) for step in range(4)), [])) == {"vqa", "svqa", "text"}
+    # the phase-only tasks may join the mix by name (they weigh 0 otherwise): sbind's questions are spoken
+    with_sbind = Options(**small, lm_first="", lm_mixed_batches=True, lm_task_weights="asr:0,vqa:0,svqa:0,text:1,sbind:1")
+    assert set(sum((tasks(with_sbind, step) for step in range(4)), [])) == {"svqa", "text"}
 
 
 def test_lm_bind_phase(monkeypatch):

@@ -168,11 +168,13 @@ def batch(step: int, opts: Options, vocab: Vocab, size: int, salt: str = "train"
             tasks = [rng.choice(phase_tasks) for _ in range(size)]
             break
     else:
-        tw = list(weights(opts.lm_task_weights, TASKS).values())
+        # bind and sbind weigh 0 unless named: they sit after the four tasks, so a mix without them draws exactly
+        # as over the four alone
+        tw = list(weights(opts.lm_task_weights, PHASE_TASKS, 0.0).values())
         if opts.lm_mixed_batches:
-            tasks = rng.choices(TASKS, tw, k=size)
+            tasks = rng.choices(PHASE_TASKS, tw, k=size)
         else:
-            tasks = [rng.choices(TASKS, tw)[0]] * size
+            tasks = [rng.choices(PHASE_TASKS, tw)[0]] * size
     return [make_example(rng, task, vocab, opts) for task in tasks]
 
 
@@ -339,7 +341,7 @@ def run(run_dir, opts: Options) -> None:
         return
     phases(opts)  # a malformed lm_first or weight option stops here, before any model is built
     word_frames(opts.lm_sbind_word_frames)
-    weights(opts.lm_task_weights, TASKS)
+    weights(opts.lm_task_weights, PHASE_TASKS, 0.0)
     weights(opts.lm_question_weights, domain.QUESTION_TYPES, 1.0)
     tok = build_tokenizer(opts)
     cfg = build_config(tok, opts)

@@ -46,7 +46,8 @@ class Options:
     lm_batch: int = 32
     lm_lr: float = 2e-3
     lm_weight_decay: float = 0.1  # AdamW weight decay of the LM stage
-    # how often each task makes a batch after the `lm_first` phases (lm.TASKS: name:weight, relative)
+    # how often each task makes a batch after the `lm_first` phases (lm.PHASE_TASKS: name:weight, relative; a task
+    # not named weighs 0), e.g. "...,sbind:0.1" keeps spoken binding questions in the mix
     lm_task_weights: str = "asr:0.25,vqa:0.35,svqa:0.3,text:0.1"
     # how often each type of scene question is asked when the scene allows it (domain.QUESTION_TYPES: name:weight,
     # relative; a type not named weighs 1), e.g. "is_there:2" ("is there": colour and shape bound together)
