@@ -85,3 +85,50 @@ def test_unique_media_makes_every_request_s_files_distinct():
             x, rx = sf.read(io.BytesIO(a.audio), dtype="int16")
             y, ry = sf.read(io.BytesIO(b.audio), dtype="int16")
             assert rx == ry and x.shape == y.shape and (x != y).sum() <= 1
+
+
+def test_stream_client_reads_streams_and_reconnects_after_the_server_closes_an_idle_connection():
+    """The bench's clients: a streamed answer read line by line over a kept connection; when the server has closed
+    that connection meanwhile, the next request goes on a new one."""
+    import http.server
+    import threading
+
+    from phimm.bench_serve import Item, StreamClient, send_streamed
+
+    served = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers["content-length"]))
+            served.append(self.client_address)
+            events = [{"route": "none", "choices": [{"delta": {"content": w}}]} for w in ("a", "b")]
+            events.append({"choices": [], "usage": {"completion_tokens": 2}})
+            body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for part in (body[:10], body[10:]):
+                data = part.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"0\r\n\r\n")
+            if len(served) == 2:
+                self.close_connection = True  # closes it without saying so, as an idle timeout does
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = StreamClient(url, 10.0)
+        item = Item(index=0, client=0, kind="text", text="hi", tokens=2)
+        recs = [send_streamed(client, url, item, b"{}", 10.0) for _ in range(3)]
+        client.close()
+    finally:
+        server.shutdown()
+    assert [(r.text, r.route, r.tokens, len(r.token_times)) for r in recs] == [("ab", "none", 2, 2)] * 3
+    assert served[0] == served[1] != served[2]  # the first two on one connection, the third on a new one
