@@ -8,6 +8,7 @@ table. Not a test: figures depend on the machine; ratios are what to compare.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import resource
@@ -100,6 +101,80 @@ def checkpoint_bytes(ckpt: Path, dtype: torch.dtype) -> int:
                 held = dtype if stored.is_floating_point else stored
                 total += math.prod(sl.get_shape()) * held.itemsize
     return total
+
+
+def _held_tensors(module: torch.nn.Module):
+    """Every tensor `module` holds: its modules' parameters and buffers, and the tensors their other attributes
+    keep (lists and dicts of adapter factors, weight-format objects such as `PackedWeight` with their packed
+    copies), each object visited once."""
+    seen: set[int] = set()
+
+    def visit(obj, depth: int):
+        if id(obj) in seen or depth > 8:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, torch.nn.Module):
+            return  # reached through module.modules()
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                yield from visit(x, depth + 1)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                yield from visit(x, depth + 1)
+        elif type(obj).__module__.split(".")[0] in ("phimm", "adapters") and hasattr(obj, "__dict__"):
+            yield from visit(vars(obj), depth + 1)  # a weight format, an adapter's formatted pair
+
+    for mod in module.modules():
+        seen.add(id(mod))
+        for value in vars(mod).values():
+            yield from visit(value, 1)
+
+
+def held_weight_bytes(module: torch.nn.Module) -> dict[str, int]:
+    """The bytes of the tensors `module` holds, by where they live: `anonymous` (copies in the process's own
+    memory: packed or converted weights, each storage once), `file_resident` (pages of memory-mapped checkpoint
+    files that this process has read, each page once: `/proc/self/pagemap`), `file_mapped` (all the mapped bytes,
+    read or not). `held` = anonymous + file_resident: what the weights occupy in memory, unlike an RSS
+    difference, which also counts the allocator's free lists, kernel caches (oneDNN's) and Python objects."""
+    import mmap
+
+    from .formats.shards import file_mappings, resident_pages
+
+    maps = file_mappings()
+    starts = [a for a, _ in maps]
+    anonymous = mapped = 0
+    storages: set[int] = set()
+    pages: set[int] = set()
+    pagemap_ok = True
+    for t in _held_tensors(module):
+        if t.device.type != "cpu":
+            continue
+        try:
+            st = t.untyped_storage()
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+        except (NotImplementedError, RuntimeError):  # an opaque (oneDNN-packed) tensor: its own memory
+            if id(t) not in storages:
+                storages.add(id(t))
+                anonymous += t.numel() * t.element_size()
+            continue
+        if ptr in storages or nbytes == 0:
+            continue
+        storages.add(ptr)
+        k = bisect.bisect_right(starts, ptr) - 1
+        if k >= 0 and ptr + nbytes <= maps[k][1]:
+            mapped += nbytes
+            got = resident_pages(ptr, ptr + nbytes)
+            if got is None:
+                pagemap_ok = False
+            else:
+                pages |= got
+        else:
+            anonymous += nbytes
+    resident = len(pages) * mmap.PAGESIZE if pagemap_ok else mapped
+    return {"anonymous": anonymous, "file_resident": resident, "file_mapped": mapped,
+            "held": anonymous + resident}
 
 
 def trim_memory() -> None:
@@ -586,12 +661,14 @@ def run(args) -> dict:
     pipe.model.feature_cache.clear()
     trim_memory()
     rss_phimm = rss_mb() - rss0
+    held_phimm = held_weight_bytes(pipe.model)
     rss1 = rss_mb()
     ref = Reference(ckpt, dtype)
     for r in first.values():
         ref.run([r], 2)
     trim_memory()
     rss_ref = rss_mb() - rss1
+    held_ref = held_weight_bytes(ref.model)
     n_params = sum(p.numel() for p in ref.model.get_base_model().parameters())
     ckpt_mb = checkpoint_bytes(ckpt, dtype) / 2**20
     results: dict = {"size": args.size,
@@ -602,7 +679,14 @@ def run(args) -> dict:
                      "memory": {"phimm_weights_rss_mb": rss_phimm, "reference_weights_rss_mb": rss_ref,
                                 "checkpoint_mb": ckpt_mb, "phimm_over_checkpoint": rss_phimm / ckpt_mb,
                                 "reference_over_checkpoint": rss_ref / ckpt_mb,
-                                "measured": "RSS after loading and one request of each route"}}
+                                "measured": "RSS after loading and one request of each route",
+                                # the weights themselves, counted tensor by tensor (held_weight_bytes)
+                                "phimm_weights_held_mb": held_phimm["held"] / 2**20,
+                                "reference_weights_held_mb": held_ref["held"] / 2**20,
+                                "phimm_held_over_checkpoint": held_phimm["held"] / 2**20 / ckpt_mb,
+                                "reference_held_over_checkpoint": held_ref["held"] / 2**20 / ckpt_mb,
+                                "phimm_held": {k: v / 2**20 for k, v in held_phimm.items()},
+                                "reference_held": {k: v / 2**20 for k, v in held_ref.items()}}}
     print(f"[bench] memory {results['memory']}", flush=True)
     if spec.get("mixed", True):
         mixed_and_rows(args, pipe, ref, ckpt, reqs, new, results)
@@ -787,6 +871,11 @@ def markdown(results: dict, command: str) -> str:
         f"| memory (RSS after loading and one request of each route) | {mem['phimm_weights_rss_mb']:.0f} MB{over} | "
         f"{mem['reference_weights_rss_mb']:.0f} MB | peak RSS of the run {mem['peak_rss_mb']:.0f} MB |",
     ]
+    if "phimm_weights_held_mb" in mem:
+        lines.append(
+            f"| weights held then (tensor by tensor: own copies + checkpoint pages read) | "
+            f"{mem['phimm_weights_held_mb']:.0f} MB = {mem['phimm_held_over_checkpoint']:.2f}x the checkpoint | "
+            f"{mem['reference_weights_held_mb']:.0f} MB = {mem['reference_held_over_checkpoint']:.2f}x | |")
     d = results.get("decode_attention")
     if d:
         for impl, label in (("phimm", "phimm attention"), ("sdpa", "sdpa attention")):

@@ -33,6 +33,10 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert r["bandwidth_gbs"] == r["bandwidth"]["best"]
     mem = r["memory"]
     assert mem["checkpoint_mb"] > 0 and mem["phimm_over_checkpoint"] == mem["phimm_weights_rss_mb"] / mem["checkpoint_mb"]
+    for who in ("phimm", "reference"):  # the weights held, tensor by tensor, next to the RSS difference
+        held = mem[f"{who}_held"]
+        assert held["held"] == held["anonymous"] + held["file_resident"] > 0
+        assert mem[f"{who}_held_over_checkpoint"] == mem[f"{who}_weights_held_mb"] / mem["checkpoint_mb"]
     assert set(r["single"]) == {"text", "image", "audio", "image+audio"}
     for kind, v in r["single"].items():
         assert v["bandwidth_fraction"] > 0
@@ -42,3 +46,40 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert set(r["int8"]["routes"]) == set(r["single"])
     assert {"decode_speedup", "bytes_ratio", "agreement"} <= set(r["int4"])
     assert "| memory (RSS after loading and one request of each route) |" in (tmp_path / "bench.md").read_text()
+
+
+def test_held_weight_bytes_counts_own_copies_and_only_the_mapped_pages_read(tmp_path):
+    """`held_weight_bytes`: a module's own tensors count whole, each storage once, tensors kept by weight-format
+    objects included; a tensor mapped from a file counts only by the pages this process has read."""
+    import mmap
+
+    from torch import nn
+
+    from phimm.bench import held_weight_bytes
+    from phimm.quant import PackedWeight
+
+    page = mmap.PAGESIZE
+    path = tmp_path / "w.bin"
+    n = 64 * page // 4  # 64 pages of fp32
+    torch.arange(n, dtype=torch.float32).numpy().tofile(path)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=n * 4)
+    weight = torch.empty(0, dtype=torch.float32).set_(storage).view(64, n // 64)
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.own = nn.Linear(128, 64)  # 128 * 64 * 4 + 64 * 4 bytes of its own
+            self.same = [self.own.weight, self.own.weight]  # the same storage again: not counted twice
+            self.fmt = PackedWeight(torch.ones(32, 16, dtype=torch.bfloat16), None, lazy=True)  # keeps its source
+            self.mapped = weight
+
+    h = Holder()
+    own = 128 * 64 * 4 + 64 * 4 + 32 * 16 * 2
+    before = held_weight_bytes(h)
+    assert before["anonymous"] == own
+    assert before["file_mapped"] == n * 4
+    assert before["file_resident"] < 4 * page  # nothing of it read yet
+    weight[:16].sum()  # the first 16 of its 64 pages
+    after = held_weight_bytes(h)
+    assert 16 * page <= after["file_resident"] <= 18 * page
+    assert after["held"] == after["anonymous"] + after["file_resident"]

@@ -155,6 +155,45 @@ def release_file_pages(t: torch.Tensor) -> int:
     return hi - lo if libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
 
 
+def file_mappings() -> list[tuple[int, int]]:
+    """[lo, hi) of this process's private mappings of regular files, sorted (from /proc/self/maps; empty where it
+    cannot be read)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/") and parts[1].endswith("p"):
+                    a, b = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((a, b))
+    except OSError:
+        pass
+    return sorted(out)
+
+
+def resident_pages(lo: int, hi: int) -> set[int] | None:
+    """The addresses of the pages of [lo, hi) that this process has in memory now: present in its page tables
+    (`/proc/self/pagemap`, bit 63), so a page of a mapped file counts only once this process has read it, not
+    because the file is in the page cache. None where pagemap cannot be read."""
+    import mmap
+    import struct
+
+    page = mmap.PAGESIZE
+    lo, hi = lo // page * page, (hi + page - 1) // page * page
+    n = (hi - lo) // page
+    if n <= 0:
+        return set()
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(lo // page * 8)
+            raw = f.read(n * 8)
+    except OSError:
+        return None
+    if len(raw) != n * 8:
+        return None
+    return {lo + k * page for k, (entry,) in enumerate(struct.iter_unpack("<Q", raw)) if entry >> 63}
+
+
 def file_backed(t: torch.Tensor) -> bool:
     """Whether all of `t`'s whole pages lie in one private mapping of a regular file: a weight read lazily from
     a memory-mapped checkpoint, whose pages `release_file_pages` can give back."""
