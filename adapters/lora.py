@@ -15,6 +15,12 @@ from torch import nn
 
 from .errors import AdapterDataError
 
+# with an adapter format (`LoraLinear.set_adapter_format`), forwards of up to this many tokens run B through it
+# and add its output; longer ones (prefills) add B's product to the base output inside B's GEMM, where the format
+# can (`accumulate`): at 1,079 tokens x 1024 -> 7168 with r = 64 (bf16, one core) the separate add took 24-38 ms
+# against 17 ms (the base alone 12.5 ms); at 1 token the separate add is 3 % faster
+FORMATTED_B_MAX_TOKENS = 32
+
 
 @dataclass
 class LoraAdapter:
@@ -275,6 +281,10 @@ class LoraLinear(nn.Module):
                     return out + (x @ a.t()) @ b.t() * self.lora_scale[i]
                 if self.adapter_format is not None and x.dtype == self.lora_dtype:
                     fa, fb = self._adapter_pair(i)
+                    accumulate = getattr(fb, "accumulate", None)
+                    if accumulate is not None and x.numel() > FORMATTED_B_MAX_TOKENS * self.in_features:
+                        # many tokens (a prefill): B's product added to the base output inside its GEMM
+                        return accumulate(fa(x).mul_(self.lora_scale[i]), out)
                     return out.add_(fb(fa(x)), alpha=self.lora_scale[i])
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output

@@ -212,6 +212,13 @@ class PackedWeight:
             self.pack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def accumulate(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """`other + x W^T (+ b)`, the sum done inside the GEMM (oneDNN's binary post-op): no second pass over an
+        output as large as `other`, which is left as it was."""
+        if self.packed is None:
+            self.pack()
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
+
 
 class FormatLinear(nn.Module):
     """A frozen `nn.Linear` whose weight is held in a format (the output head; decoder projections are

@@ -162,3 +162,33 @@ def test_bucketed_prefill_rows_equal_alone(tiny_pipe):
         alone = tiny_pipe(req, max_new_tokens=4, output_logits=True)
         assert got.token_ids == alone.token_ids
         assert (got.logits - alone.logits).abs().max().item() < 1e-5
+
+@pytest.mark.skipif(not PackedWeight.applies(torch.ones(1, 1, dtype=torch.bfloat16)), reason="needs oneDNN bf16")
+def test_packed_adapter_adds_b_inside_the_gemm_for_long_inputs():
+    """A bf16 `LoraLinear` with packed base and packed adapter factors: short inputs (decode) add B's output
+    after its GEMM, long ones (prefill, > FORMATTED_B_MAX_TOKENS tokens) inside it; both equal base + scale * B A x
+    computed in fp32 from the same weights, within bf16 rounding, in 2-D and 3-D."""
+    from torch import nn
+
+    from adapters import LoraLinear
+    from adapters.lora import FORMATTED_B_MAX_TOKENS, RowAdapters
+    from phimm.quant import packed_adapter
+
+    g = torch.Generator().manual_seed(0)
+    base = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    a = (torch.randn(8, 96, generator=g) / 10).to(torch.bfloat16)
+    b = (torch.randn(160, 8, generator=g) / 3).to(torch.bfloat16)  # B non-zero: the adapter changes the output
+    w, bias = base.weight.float(), base.bias.float()
+    layer = LoraLinear(base)
+    layer.set_adapter_weights(0, a, b, 2.0)
+    layer.set_base_format(PackedWeight(base.weight, base.bias, lazy=False))
+    layer.set_adapter_format(packed_adapter)
+    rows = RowAdapters(uniform=0, ranks=(8,))
+    for shape in ((1, 96), (FORMATTED_B_MAX_TOKENS, 96), (FORMATTED_B_MAX_TOKENS + 1, 96), (300, 96), (2, 70, 96)):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        want = x.float() @ w.t() + bias + 2.0 * (x.float() @ a.float().t()) @ b.float().t()
+        got = layer(x, rows)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        adapter_part = (want - (x.float() @ w.t() + bias)).abs().max().item()
+        assert adapter_part > 0.5  # the adapter matters here
+        assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item(), shape
