@@ -48,6 +48,16 @@ def test_packed_bf16_matches_plain_bf16(bf16_pair):
     # the single-route requests ran their adapters' own factors packed too (the tiny adapters' B is non-zero)
     pairs = [f for m in targets for pair in m._formatted.values() for f in pair]
     assert pairs and all(isinstance(f, PackedWeight) and not f.pending for f in pairs)
+    # the image encoder's layers are packed too, their MLP's GELU inside the first GEMM
+    from phimm.quant import PackedLinear
+
+    layers = packed.model.hf.model.embed_tokens_extend.image_embed.img_processor.encoder.layers
+    for layer in layers:
+        assert isinstance(layer.mlp.fc1, PackedLinear) and isinstance(layer.mlp.fc2, PackedLinear)
+        assert layer.mlp.fc1.base_format.activation == "gelu_tanh" and isinstance(layer.mlp.activation_fn,
+                                                                                 torch.nn.Identity)
+        assert not layer.mlp.fc1.base_format.pending  # the image requests ran through it
+        assert all(isinstance(getattr(layer.self_attn, n), PackedLinear) for n in ("q_proj", "k_proj", "v_proj"))
 
 
 def test_tied_head_of_a_mapped_bf16_checkpoint_is_packed(tmp_path):
@@ -192,3 +202,18 @@ def test_packed_adapter_adds_b_inside_the_gemm_for_long_inputs():
         adapter_part = (want - (x.float() @ w.t() + bias)).abs().max().item()
         assert adapter_part > 0.5  # the adapter matters here
         assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item(), shape
+
+
+@pytest.mark.skipif(not PackedWeight.applies(torch.ones(1, 1, dtype=torch.bfloat16)), reason="needs oneDNN bf16")
+@pytest.mark.parametrize("activation,approximate", [("gelu_tanh", "tanh"), ("gelu", "none")])
+def test_packed_weight_applies_its_activation_inside_the_gemm(activation, approximate):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(48, 40, generator=g) / 5).to(torch.bfloat16)
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 7, 40, generator=g).to(torch.bfloat16)
+    want = torch.nn.functional.gelu(x.float() @ w.float().t() + bias.float(), approximate=approximate)
+    got = PackedWeight(w, bias, lazy=False, activation=activation)(x)
+    assert got.shape == want.shape
+    assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+    # and differs from the GEMM alone: the activation was applied
+    assert (PackedWeight(w, bias, lazy=False)(x).float() - want).abs().max().item() > 0.1
