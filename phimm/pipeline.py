@@ -340,11 +340,11 @@ def _weight_format(model, quantize: str | None, pack_weights: bool | None) -> No
     """Quantize the base decoder's weights (`quantize`), or re-lay them out for oneDNN (`pack_weights`, default
     on for bfloat16 on a CPU)."""
     if quantize is not None:
-        from .quant import pack_vision_encoder, quantize as apply_quantization
+        from .quant import pack_encoders, quantize as apply_quantization
 
         apply_quantization(model, quantize)
         if pack_weights is not False:
-            pack_vision_encoder(model)  # the decoder is in 8 or 4 bits; a bf16 image encoder is packed still
+            pack_encoders(model)  # the decoder is in 8 or 4 bits; bf16 encoders are packed still
     elif pack_weights or (pack_weights is None and model.dtype == torch.bfloat16 and model.device.type == "cpu"):
         from .quant import pack_weights as pack
 

@@ -58,6 +58,12 @@ def test_packed_bf16_matches_plain_bf16(bf16_pair):
                                                                                  torch.nn.Identity)
         assert not layer.mlp.fc1.base_format.pending  # the image requests ran through it
         assert all(isinstance(getattr(layer.self_attn, n), PackedLinear) for n in ("q_proj", "k_proj", "v_proj"))
+    # and the audio encoder's: no plain linear layer is left in either encoder's layers
+    encoders = packed.model.hf.model.embed_tokens_extend
+    for root in (encoders.image_embed.img_processor.encoder, encoders.audio_embed.encoder.encoders):
+        assert not [p for p, m in root.named_modules() if type(m) is torch.nn.Linear]
+    assert any(isinstance(m, PackedLinear) and not m.base_format.pending
+               for m in encoders.audio_embed.encoder.encoders.modules())
 
 
 def test_tied_head_of_a_mapped_bf16_checkpoint_is_packed(tmp_path):
