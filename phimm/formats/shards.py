@@ -215,14 +215,5 @@ def _whole_pages(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _file_backed(lo: int, hi: int) -> bool:
-    """Whether [lo, hi) lies inside one private mapping of a regular file (from /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                a, b = (int(x, 16) for x in parts[0].split("-"))
-                if a <= lo and hi <= b:
-                    return len(parts) >= 6 and parts[5].startswith("/") and parts[1].endswith("p")
-    except OSError:
-        pass
-    return False
+    """Whether [lo, hi) lies inside one private mapping of a regular file (`file_mappings`)."""
+    return any(a <= lo and hi <= b for a, b in file_mappings())
