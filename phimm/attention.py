@@ -25,7 +25,13 @@ over the last `t` columns, then a call of its own, over exactly its `L_i` column
 longer than `t` (its result replaces the first call's). `t` is chosen to read the fewest bytes, each extra call
 counted as `SPLIT_CALL_BYTES` more; where no split saves anything, nothing changes.
 
-Prefill (`q_len > MAX_QUERY_LEN`, or no cached positions before the queries) and anything this path does not
+A prefill of left-padded rows (the engine's prefill buckets) comes with a boolean mask `[B, 1, T, T]`, and sdpa's
+CPU kernel, given a mask, computes every query against every key: twice the work of a causal prompt, whose
+kernel skips the blocks above the diagonal. When each row of such a mask is causal over the row's own last `L_i`
+positions (`padded_prefill_lengths`), `padded_prefill_attention` runs one causal sdpa call per row over exactly
+its positions, with no mask (the call a one-row prefill makes), and gives the padded query positions zeros.
+
+Other prefills (`q_len > MAX_QUERY_LEN`, or no cached positions before the queries) and anything this path does not
 cover (dropout in training, a position bias, a mask it cannot broadcast, non-CPU tensors) go to transformers'
 sdpa function unchanged. The mask is transformers' sdpa mask (`sdpa_mask` is registered for the same name):
 `None` when nothing is masked, else a boolean `[B, 1 | H, q, T]` (True: attend) or an additive float mask.
@@ -155,6 +161,48 @@ def _plan_for(mask, key, value):
     return plan
 
 
+_last_prefill = threading.local()  # (mask, lengths) of the last prefill mask seen on this thread
+
+
+def padded_prefill_lengths(mask) -> list[int] | None:
+    """For a prefill's boolean mask `[B, 1, T, T]` (True: attend): each row's length `L_i` when every row is
+    left-padded and causal over its own positions (query `i >= T - L_i` sees columns `T - L_i .. i`; the padded
+    queries' rows are not read), else None. Checked once per mask object (a forward's layers share one)."""
+    if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
+            or mask.shape[2] != mask.shape[3] or mask.shape[2] <= MAX_QUERY_LEN):
+        return None
+    last = getattr(_last_prefill, "value", None)
+    if last is not None and last[0] is mask:
+        return last[1]
+    m = mask[:, 0]  # [B, T, T]
+    T = m.shape[-1]
+    lengths = m[:, -1].sum(-1)  # the last query sees all of its row's positions
+    idx = torch.arange(T, device=m.device)
+    start = (T - lengths)[:, None, None]
+    want = (idx[None, None, :] <= idx[None, :, None]) & (idx[None, None, :] >= start)  # causal within the row
+    valid = idx[None, :, None] >= start  # the row's own query positions
+    ok = bool(torch.where(valid, m == want, True).all())
+    out = [int(n) for n in lengths.tolist()] if ok else None
+    _last_prefill.value = (mask, out)
+    return out
+
+
+def padded_prefill_attention(module, query, key, value, lengths: list[int], scaling: float | None = None,
+                             **kwargs) -> torch.Tensor:
+    """Attention of a prefill of left-padded rows (`padded_prefill_lengths`): `query [B, H, T, D]`, `key` /
+    `value` `[B, Hkv, T, D]`; one causal sdpa call per row over its own last `lengths[i]` positions. Returns
+    `[B, T, H, Dv]`, zeros at the padded query positions."""
+    B, H, T, _ = query.shape
+    out = query.new_zeros(B, T, H, value.shape[-1])
+    sdpa = _sdpa()
+    for i, n in enumerate(lengths):
+        if n:
+            o = sdpa(module, query[i:i + 1, :, T - n:], key[i:i + 1, :, T - n:], value[i:i + 1, :, T - n:], None,
+                     scaling=scaling, is_causal=True, **kwargs)[0]  # [1, n, H, Dv]
+            out[i, T - n:] = o[0]
+    return out
+
+
 def _flash_attention(query, key, value, attention_mask, scale: float) -> torch.Tensor:
     B, H, q, D = query.shape
     hkv, T, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -238,6 +286,12 @@ def phimm_attention_forward(module, query, key, value, attention_mask, dropout: 
         return mixed_step_attention(mixed, module, query, key, value, scaling=scaling,
                                     softcap=kwargs.get("softcap")), None
     if not covers(module, query, key, attention_mask, dropout=dropout, **kwargs):
+        if (query.shape[2] == key.shape[2] and query.device.type == "cpu" and not (dropout and module.training)
+                and kwargs.get("s_aux") is None and not kwargs.get("output_attentions", False)
+                and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
+            lengths = padded_prefill_lengths(attention_mask)
+            if lengths is not None:
+                return padded_prefill_attention(module, query, key, value, lengths, scaling=scaling), None
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     return decode_attention(query, key, value, attention_mask, scaling=scaling, softcap=kwargs.get("softcap"),

@@ -207,3 +207,59 @@ def test_rows_of_very_different_lengths_split_into_calls_of_their_own_width(kern
     assert calls == [T]
     # rows of about one length: one call
     assert attention.split_plan([300, 290, 280], 300, hkv * 2 * D * 4) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padded_prefill_runs_each_row_causally_over_its_own_positions(dtype):
+    """A prefill of left-padded rows: one causal call per row over its own positions gives what sdpa gives with
+    the padded causal mask, at every real query position; the padded ones get zeros."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, hkv, D, T = 3, 6, 2, 32, 90
+    lengths = [90, 71, 1]
+    query = torch.randn(B, H, T, D, generator=gen).to(dtype)
+    key, value = (torch.randn(B, hkv, T, D, generator=gen).to(dtype) for _ in range(2))
+    mask = _mask(lengths, T, T, "bool")
+    assert attention.padded_prefill_lengths(mask) == lengths
+    out, _ = phimm_attention_forward(_Module(H // hkv), query, key, value, mask, scaling=0.2)
+    want = _sdpa(query, key, value, mask, 0.2)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(out[i, T - n:], want[i, T - n:], **tol)
+        assert not out[i, :T - n].any()
+    # each row's call is the one a prefill of that row alone makes (no mask, causal): equal to the last bit
+    alone = _sdpa(query[1:2, :, T - 71:], key[1:2, :, T - 71:], value[1:2, :, T - 71:], None, 0.2)
+    assert torch.equal(out[1, T - 71:], alone[0])
+
+
+def test_masks_that_are_not_padded_causal_go_to_sdpa():
+    T = 40
+    causal = _mask([40, 30], T, T, "bool")
+    assert attention.padded_prefill_lengths(causal) == [40, 30]
+    window = causal & (torch.arange(T)[None, :] > torch.arange(T)[:, None] - 8)  # a sliding window of 8
+    assert attention.padded_prefill_lengths(window) is None
+    both_ways = causal | causal.transpose(-1, -2)  # bidirectional within the rows
+    assert attention.padded_prefill_lengths(both_ways) is None
+    assert attention.padded_prefill_lengths(_mask([40, 30], T, T, "additive")) is None
+    assert attention.padded_prefill_lengths(None) is None
+    assert attention.padded_prefill_lengths(_mask([10, 4], 2, 10, "bool")) is None  # decode-shaped: q != T
+
+
+def test_tiny_model_rows_prefilled_together_equal_sdpa_alone(tiny_ckpt, monkeypatch):
+    """Prompts of similar lengths share a left-padded prefill bucket; each row's tokens and logits equal the
+    same prompt run alone on transformers' sdpa."""
+    import phimm
+
+    ours, ref = _two_pipes(tiny_ckpt)
+    calls = []
+    real = attention.padded_prefill_attention
+    monkeypatch.setattr(attention, "padded_prefill_attention",
+                        lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    prompts = ["hello what color is the circle", "what shape is the red one here", "is there a blue square"]
+    reqs = [phimm.Request(prompt=f"<|user|>{p}<|end|><|assistant|>") for p in prompts]
+    kw = dict(max_new_tokens=5, min_new_tokens=5, output_logits=True)
+    batch = ours(reqs, **kw)
+    assert calls and any(len(set(c)) > 1 for c in calls)  # rows of different lengths, padded in one call
+    for got, r in zip(batch, reqs):
+        want = ref(r, **kw)
+        assert got.token_ids == want.token_ids
+        assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) <= 1e-5
