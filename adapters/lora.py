@@ -20,6 +20,11 @@ from .errors import AdapterDataError
 # can (`accumulate`): at 1,079 tokens x 1024 -> 7168 with r = 64 (bf16, one core) the separate add took 24-38 ms
 # against 17 ms (the base alone 12.5 ms); at 1 token the separate add is 3 % faster
 FORMATTED_B_MAX_TOKENS = 32
+# in a forward whose rows are on different adapters, a run of consecutive rows on one adapter that holds at least
+# this many tokens (a row of a prefill bucket; a joining prompt of a mixed step, one row per token) gets its
+# adapter applied to its rows alone (`RowAdapters.parts`), as a forward on that adapter would, instead of every
+# adapter's ranks applied to every row with the others masked off
+RUN_MIN_TOKENS = 64
 
 
 @dataclass
@@ -76,7 +81,9 @@ class RowAdapters:
     - `uniform`: the adapter index every row uses (None: rows differ, or no adapter at all);
     - `rank_mask`: for a mixed batch, `[B, sum of ranks]` holding the row's adapter's scale where its ranks sit,
       zeros elsewhere: every adapter's A is applied to every row in one matmul, the mask keeps each row's own;
-    - `ranks`: every adapter's rank, in index order (the layout of `rank_mask`).
+    - `ranks`: every adapter's rank, in index order (the layout of `rank_mask`);
+    - `runs`: for a mixed batch, `(start, end, adapter)` for each run of consecutive rows on one adapter (None:
+      the base alone), in order (`parts`).
 
     A model's forward takes one and makes it active for its own duration (`with rows.active(): ...`):
     transformers' decoder layers pass no extra arguments down to their linear layers, so the value reaches each
@@ -87,6 +94,7 @@ class RowAdapters:
     uniform: int | None = None
     rank_mask: torch.Tensor | None = None
     ranks: tuple[int, ...] = ()
+    runs: tuple[tuple[int, int, int | None], ...] = ()
 
     @classmethod
     def for_rows(cls, row_adapter: Sequence[int | None], ranks: Sequence[int], scales: Sequence[float],
@@ -101,7 +109,32 @@ class RowAdapters:
         table = _mask_table(tuple(ranks), tuple(float(s) for s in scales), dtype, torch.device(device))
         none = len(ranks)  # the table's last row: zeros, for rows on the base alone
         idx = torch.tensor([none if a is None else a for a in row_adapter], device=table.device)
-        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks))
+        runs, start = [], 0
+        for i in range(1, len(row_adapter) + 1):
+            if i == len(row_adapter) or row_adapter[i] != row_adapter[start]:
+                runs.append((start, i, row_adapter[start]))
+                start = i
+        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks), runs=tuple(runs))
+
+    def parts(self, tokens_per_row: int) -> list[tuple[int, int, "RowAdapters"]] | None:
+        """A mixed batch split along its rows, for rows of `tokens_per_row` tokens each: every run of rows on one
+        adapter holding at least `RUN_MIN_TOKENS` tokens its own uniform part, the rows between such runs masked
+        parts (`rank_mask`'s rows); consecutive `(start, end, RowAdapters)` covering all rows. None when no run
+        is that long (the whole batch masked)."""
+        if self.rank_mask is None or not any((e - s) * tokens_per_row >= RUN_MIN_TOKENS for s, e, _ in self.runs):
+            return None
+        out, pending = [], None  # pending: the first row of a stretch of short runs
+        for s, e, a in self.runs:
+            if (e - s) * tokens_per_row >= RUN_MIN_TOKENS:
+                if pending is not None:
+                    out.append((pending, s, RowAdapters(rank_mask=self.rank_mask[pending:s], ranks=self.ranks)))
+                    pending = None
+                out.append((s, e, NO_ADAPTER if a is None else RowAdapters(uniform=a, ranks=self.ranks)))
+            elif pending is None:
+                pending = s
+        if pending is not None:
+            out.append((pending, self.runs[-1][1], RowAdapters(rank_mask=self.rank_mask[pending:], ranks=self.ranks)))
+        return out
 
     @property
     def is_base(self) -> bool:
@@ -273,6 +306,22 @@ class LoraLinear(nn.Module):
         """`rows`: the rows' adapters (default: those of the forward this layer runs in, `active_rows()`)."""
         out = self.base_forward(x)
         rows = active_rows() if rows is None else rows
+        parts = None
+        if (rows.rank_mask is not None and self.trainable is None and not out.requires_grad
+                and x.shape[0] == rows.rank_mask.shape[0]):  # (in-place writes into views: no autograd here)
+            parts = rows.parts(x[0].numel() // self.in_features)
+        if parts is not None:
+            # each part's rows on their own: views of x and out along the rows, the deltas added in place
+            for start, end, part in parts:
+                if not part.is_base:
+                    self._add_delta(x[start:end], out[start:end], part, in_place=True)
+            return out
+        return self._add_delta(x, out, rows)
+
+    def _add_delta(self, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters, in_place: bool = False
+                   ) -> torch.Tensor:
+        """`out` (the base's output for `x`) plus the rows' adapter deltas, returned; `in_place`: written into
+        `out` itself (else it may be a new tensor)."""
         if rows.uniform is not None:
             i = rows.uniform
             if i < len(self.lora_a) and self.lora_a[i] is not None:
@@ -284,7 +333,8 @@ class LoraLinear(nn.Module):
                     accumulate = getattr(fb, "accumulate", None)
                     if accumulate is not None and x.numel() > FORMATTED_B_MAX_TOKENS * self.in_features:
                         # many tokens (a prefill): B's product added to the base output inside its GEMM
-                        return accumulate(fa(x).mul_(self.lora_scale[i]), out)
+                        summed = accumulate(fa(x).mul_(self.lora_scale[i]), out)
+                        return out.copy_(summed) if in_place else summed
                     return out.add_(fb(fa(x)), alpha=self.lora_scale[i])
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output

@@ -110,3 +110,52 @@ def test_peft_folder_errors(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(AdapterDataError, match="safetensors"):
         load_peft_adapter(tmp_path, "x")
+
+
+def _per_row_reference(base, adapters, x, row_adapter):
+    """Each row alone: the base output plus its own adapter's delta, in fp32."""
+    out = base(x).clone()
+    for i, a in enumerate(row_adapter):
+        if a is not None:
+            A, B = adapters[a].weights["x"]
+            out[i] += (x[i] @ A.t() @ B.t()) * adapters[a].scale
+    return out
+
+
+@torch.inference_mode()  # as the runtime's forwards run
+def test_long_runs_of_one_adapter_get_their_own_part(monkeypatch):
+    """A mixed step's rows (one per token): runs of at least RUN_MIN_TOKENS tokens on one adapter are applied
+    alone, the short runs between them masked together; the result is each row's own adapter either way."""
+    from adapters import lora
+
+    base, lin, rows, adapters = _setup()
+    row_adapter = [0, 1, None, 1] + [0] * 70 + [1] * 5 + [None] * 80 + [1] * 100 + [0, None]
+    r = rows(row_adapter)
+    parts = r.parts(1)
+    assert [(s, e) for s, e, _ in parts] == [(0, 4), (4, 74), (74, 79), (79, 159), (159, 259), (259, 261)]
+    assert [p.uniform for _, _, p in parts] == [None, 0, None, None, 1, None]
+    assert [p.rank_mask is not None for _, _, p in parts] == [True, False, True, False, False, True]
+    assert parts[3][2].is_base
+    x = torch.randn(len(row_adapter), 1, 16)
+    calls = []
+    real = LoraLinear._add_delta
+    monkeypatch.setattr(LoraLinear, "_add_delta", lambda self, xx, *a, **k: calls.append(xx.shape[0])
+                        or real(self, xx, *a, **k))
+    got = lin(x, r)
+    assert calls == [4, 70, 5, 100, 2]  # the base-only run adds nothing
+    want = _per_row_reference(base, adapters, x, row_adapter)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
+    monkeypatch.setattr(lora, "RUN_MIN_TOKENS", 10 ** 9)  # no parts: every row masked in one pass
+    assert r.parts(1) is None
+    torch.testing.assert_close(lin(x, r), got, rtol=1e-6, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_prefill_rows_of_different_adapters_each_get_their_own_part():
+    """A prefill bucket `[rows, T, in]`: a row of T >= RUN_MIN_TOKENS tokens is a run of its own."""
+    base, lin, rows, adapters = _setup()
+    x = torch.randn(3, 80, 16)
+    r = rows([0, None, 1])
+    assert [(s, e, p.uniform) for s, e, p in r.parts(80)] == [(0, 1, 0), (1, 2, None), (2, 3, 1)]
+    torch.testing.assert_close(lin(x, r), _per_row_reference(base, adapters, x, [0, None, 1]), rtol=1e-6, atol=1e-4)
+    assert rows([0, None, 1]).parts(5) is None  # short rows: masked together

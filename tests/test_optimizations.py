@@ -211,6 +211,45 @@ def test_packed_adapter_adds_b_inside_the_gemm_for_long_inputs():
 
 
 @pytest.mark.skipif(not PackedWeight.applies(torch.ones(1, 1, dtype=torch.bfloat16)), reason="needs oneDNN bf16")
+def test_packed_adapters_on_runs_of_a_mixed_step():
+    """A mixed step's rows (one per token), packed bf16 base and adapters: the long runs take their adapter's
+    packed path (B inside its GEMM, written back into the run's rows), the short rows the masked one; every row
+    equals base + its own adapter's delta computed in fp32."""
+    from torch import nn
+
+    from adapters import LoraLinear
+    from adapters.lora import FORMATTED_B_MAX_TOKENS, RUN_MIN_TOKENS, RowAdapters
+    from phimm.quant import packed_adapter
+
+    g = torch.Generator().manual_seed(2)
+    base = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    w, bias = base.weight.float(), base.bias.float()
+    layer = LoraLinear(base)
+    factors = []
+    for i, r in enumerate((8, 4)):
+        a = (torch.randn(r, 96, generator=g) / 10).to(torch.bfloat16)
+        b = (torch.randn(160, r, generator=g) / 3).to(torch.bfloat16)  # B non-zero
+        layer.set_adapter_weights(i, a, b, 2.0 if i == 0 else 1.5)
+        factors.append((a.float(), b.float(), 2.0 if i == 0 else 1.5))
+    layer.set_base_format(PackedWeight(base.weight, base.bias, lazy=False))
+    layer.set_adapter_format(packed_adapter)
+    n = max(RUN_MIN_TOKENS, FORMATTED_B_MAX_TOKENS + 1)
+    row_adapter = [1, 0, None] + [0] * n + [None] * 5 + [1] * (n + 7)
+    rows = RowAdapters.for_rows(row_adapter, [8, 4], [2.0, 1.5], dtype=torch.bfloat16)
+    assert [p.uniform for _, _, p in rows.parts(1)] == [None, 0, None, 1]
+    x = torch.randn(len(row_adapter), 1, 96, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():  # as the runtime's forwards run
+        got = layer(x, rows)
+    want = x.float() @ w.t() + bias
+    for i, ad in enumerate(row_adapter):
+        if ad is not None:
+            a, b, scale = factors[ad]
+            want[i] += scale * (x[i].float() @ a.t()) @ b.t()
+    assert (want - (x.float() @ w.t() + bias)).abs().max().item() > 0.5  # the adapters matter here
+    assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+@pytest.mark.skipif(not PackedWeight.applies(torch.ones(1, 1, dtype=torch.bfloat16)), reason="needs oneDNN bf16")
 @pytest.mark.parametrize("activation,approximate", [("gelu_tanh", "tanh"), ("gelu", "none")])
 def test_packed_weight_applies_its_activation_inside_the_gemm(activation, approximate):
     g = torch.Generator().manual_seed(1)
