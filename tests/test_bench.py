@@ -81,5 +81,7 @@ def test_held_weight_bytes_counts_own_copies_and_only_the_mapped_pages_read(tmp_
     assert before["file_resident"] < 4 * page  # nothing of it read yet
     weight[:16].sum()  # the first 16 of its 64 pages
     after = held_weight_bytes(h)
-    assert 16 * page <= after["file_resident"] <= 18 * page
+    # the kernel may map up to 15 more pages of the page cache around a read fault (fault-around: a 64 KiB window,
+    # aligned in the address space, so how many depends on where the mapping landed)
+    assert 16 * page <= after["file_resident"] <= 31 * page
     assert after["held"] == after["anonymous"] + after["file_resident"]
