@@ -16,9 +16,11 @@ from torch import nn
 from .errors import AdapterDataError
 
 # with an adapter format (`LoraLinear.set_adapter_format`), forwards of up to this many tokens run B through it
-# and add its output; longer ones (prefills) add B's product to the base output inside B's GEMM, where the format
-# can (`accumulate`): at 1,079 tokens x 1024 -> 7168 with r = 64 (bf16, one core) the separate add took 24-38 ms
-# against 17 ms (the base alone 12.5 ms); at 1 token the separate add is 3 % faster
+# and add its output; longer ones (prefills) add B's product into the base output in place, inside B's GEMM
+# (`addmm_`, B as a plain tensor: `dense()`, a transient copy out of the format). 209m gate_up (1024 -> 7168,
+# r = 64, bf16, one core) over 3,420 tokens: the base GEMM 36.8 ms; with B through its format and a separate add
+# 58.3 ms, with B's format adding the base output as a post-op (oneDNN's binary add) 55.4 ms, in place 41.7 ms.
+# At 1 token, B through its format and a separate add is 10-20 us faster than `addmm_`
 FORMATTED_B_MAX_TOKENS = 32
 # in a forward whose rows are on different adapters, a run of consecutive rows on one adapter that holds at least
 # this many tokens (a row of a prefill bucket; a joining prompt of a mixed step, one row per token) gets its
@@ -314,14 +316,13 @@ class LoraLinear(nn.Module):
             # each part's rows on their own: views of x and out along the rows, the deltas added in place
             for start, end, part in parts:
                 if not part.is_base:
-                    self._add_delta(x[start:end], out[start:end], part, in_place=True)
+                    self._add_delta(x[start:end], out[start:end], part)
             return out
         return self._add_delta(x, out, rows)
 
-    def _add_delta(self, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters, in_place: bool = False
-                   ) -> torch.Tensor:
-        """`out` (the base's output for `x`) plus the rows' adapter deltas, returned; `in_place`: written into
-        `out` itself (else it may be a new tensor)."""
+    def _add_delta(self, x: torch.Tensor, out: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """`out` (the base's output for `x`) plus the rows' adapter deltas, added in place (but for a trainable
+        adapter's, out of place so that gradients flow), returned."""
         if rows.uniform is not None:
             i = rows.uniform
             if i < len(self.lora_a) and self.lora_a[i] is not None:
@@ -330,11 +331,13 @@ class LoraLinear(nn.Module):
                     return out + (x @ a.t()) @ b.t() * self.lora_scale[i]
                 if self.adapter_format is not None and x.dtype == self.lora_dtype:
                     fa, fb = self._adapter_pair(i)
-                    accumulate = getattr(fb, "accumulate", None)
-                    if accumulate is not None and x.numel() > FORMATTED_B_MAX_TOKENS * self.in_features:
-                        # many tokens (a prefill): B's product added to the base output inside its GEMM
-                        summed = accumulate(fa(x).mul_(self.lora_scale[i]), out)
-                        return out.copy_(summed) if in_place else summed
+                    dense = getattr(fb, "dense", None)
+                    if dense is not None and x.numel() > FORMATTED_B_MAX_TOKENS * self.in_features:
+                        # many tokens (a prefill): B's product added into the base output in place
+                        h = fa(x)
+                        out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), dense().t(),
+                                                               alpha=self.lora_scale[i])
+                        return out
                     return out.add_(fb(fa(x)), alpha=self.lora_scale[i])
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output

@@ -219,14 +219,12 @@ class PackedWeight:
         attr, algorithm = self._post_op
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
 
-    def accumulate(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """`other + x W^T (+ b)`, the sum done inside the GEMM (oneDNN's binary post-op): no second pass over an
-        output as large as `other`, which is left as it was."""
-        if self.activation is not None:
-            raise ValueError("accumulate: this weight applies an activation")
+    def dense(self) -> torch.Tensor:
+        """The weight `[out, in]` as a plain tensor: the source before packing, else a fresh copy out of the packed
+        layout (exact; a transient, e.g. for an in-place `addmm_` into a long input's output)."""
         if self.packed is None:
-            self.pack()
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, "add")
+            return self.source
+        return self.packed.to_dense()
 
 
 class FormatLinear(nn.Module):
