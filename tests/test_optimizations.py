@@ -263,3 +263,27 @@ def test_packed_weight_applies_its_activation_inside_the_gemm(activation, approx
     assert (got.float() - want).abs().max().item() <= 0.02 * want.abs().max().item()
     # and differs from the GEMM alone: the activation was applied
     assert (PackedWeight(w, bias, lazy=False)(x).float() - want).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "fbgemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_int8_weight_kernels_match_float_math(kernel, dtype):
+    """`Int8Weight` on each CPU kernel: x W^T + b within int8 rounding of the float result, in 2-D and 3-D, the
+    input left as it was; both kernels agree with each other as closely."""
+    from phimm.quant import Int8Weight, _fbgemm_ok, _onednn_int8_ok
+
+    if not (_onednn_int8_ok() if kernel == "onednn" else _fbgemm_ok()):
+        pytest.skip(f"torch here has no {kernel} int8 kernel")
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(96, 160, generator=g) / 10).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype)
+    fmt = Int8Weight(w, bias, kernel=kernel)
+    assert fmt.use_onednn == (kernel == "onednn")
+    for shape in ((1, 160), (7, 160), (2, 5, 160)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        before = x.clone()
+        got = fmt(x)
+        assert torch.equal(x, before) and got.dtype == dtype and got.shape == (*shape[:-1], 96)
+        want = x.float() @ w.float().t() + bias.float()
+        err = (got.float() - want).abs().max().item()
+        assert err <= 0.03 * want.abs().max().item(), (shape, err)
