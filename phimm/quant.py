@@ -38,13 +38,14 @@ def _fbgemm_ok() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-# the CPU int8 kernel: "fbgemm" (`quantized.linear_dynamic`) or "onednn" (`torch.ops.onednn.qlinear_pointwise`, the
-# activation quantized here, per tensor, to u8 with a zero point; used where torch has it). At the published widths
-# (two decoder layers' projections and the 200,064 x 3072 head in turn, batch 1, one core) oneDNN's read 15.0 GB/s
-# of int8 weights, fbgemm's 13.4, and batch-1 decode ran 15.7-16.3 against 15.1-15.2 tok/s; at 209m, where each
-# call is short, quantizing the activation in Python costs more than that: 34.6-36.9 against 38.1-41.4 tok/s.
-# fbgemm stays the default
-INT8_KERNEL = "fbgemm"
+# the CPU int8 kernel: "fbgemm" (`quantized.linear_dynamic`), "onednn" (`torch.ops.onednn.qlinear_pointwise`, the
+# activation quantized here, per tensor, to u8 with a zero point; where torch has it) or "auto": oneDNN's for
+# weights of at least `INT8_ONEDNN_MIN_ELEMENTS`, fbgemm's for the rest. Batch 1, one core, each shape's weights
+# read in turn from memory (time per call, fbgemm / oneDNN): 16384 x 3072 3.93 / 3.51 ms; 5120 x 3072 1.23 / 1.22;
+# 3072 x 8192 1.68 / 1.77; 7168 x 1024 0.67 / 0.72; 32000 x 1024 1.39 / 1.56; 1024 x 1024 0.07 / 0.12. Two layers
+# of the published widths and the 200,064 x 3072 head in turn: 13.4 / 15.0 GB/s of int8 weights
+INT8_KERNEL = "auto"
+INT8_ONEDNN_MIN_ELEMENTS = 48 << 20
 
 
 def _onednn_int8_ok() -> bool:
@@ -55,8 +56,8 @@ def _onednn_int8_ok() -> bool:
 
 class Int8Weight:
     """A frozen weight in int8 (symmetric, per output channel) and the kernel that multiplies by it: oneDNN's or
-    fbgemm's on CPU (`INT8_KERNEL`; each call quantizes its activation per tensor), else torch's weight-only
-    `_weight_int8pack_mm`."""
+    fbgemm's on CPU (`INT8_KERNEL`, or `kernel`; each call quantizes its activation per tensor), else torch's
+    weight-only `_weight_int8pack_mm`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str | None = None):
         self.out_features, self.in_features = weight.shape
@@ -64,6 +65,8 @@ class Int8Weight:
         self.bias = None if bias is None else bias.detach().float()
         cpu = weight.device.type == "cpu"
         kernel = kernel or INT8_KERNEL
+        if kernel == "auto":
+            kernel = "onednn" if weight.numel() >= INT8_ONEDNN_MIN_ELEMENTS else "fbgemm"
         self.use_onednn = cpu and kernel == "onednn" and _onednn_int8_ok()
         self.use_fbgemm = cpu and not self.use_onednn and _fbgemm_ok()
         if self.use_onednn:

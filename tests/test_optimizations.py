@@ -287,3 +287,15 @@ def test_int8_weight_kernels_match_float_math(kernel, dtype):
         want = x.float() @ w.float().t() + bias.float()
         err = (got.float() - want).abs().max().item()
         assert err <= 0.03 * want.abs().max().item(), (shape, err)
+
+
+def test_int8_auto_kernel_chooses_by_weight_size(monkeypatch):
+    from phimm import quant
+
+    if not (quant._onednn_int8_ok() and quant._fbgemm_ok()):
+        pytest.skip("needs both CPU int8 kernels")
+    w = torch.randn(64, 32)
+    assert not quant.Int8Weight(w, None, kernel="auto").use_onednn  # small: fbgemm
+    monkeypatch.setattr(quant, "INT8_ONEDNN_MIN_ELEMENTS", w.numel())
+    fmt = quant.Int8Weight(w, None, kernel="auto")
+    assert fmt.use_onednn and not fmt.use_fbgemm
