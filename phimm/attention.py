@@ -44,6 +44,7 @@ their own). `phimm.model.Phi4MMComposition` does that at load while `ENABLED` is
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -161,7 +162,9 @@ def _plan_for(mask, key, value):
     return plan
 
 
-_last_prefill = threading.local()  # (mask, lengths) of the last prefill mask seen on this thread
+# (weak reference to the mask, lengths) of the last prefill mask seen on this thread: a bucket's mask is
+# B x T x T booleans, not kept alive here
+_last_prefill = threading.local()
 
 
 def padded_prefill_lengths(mask) -> list[int] | None:
@@ -172,7 +175,7 @@ def padded_prefill_lengths(mask) -> list[int] | None:
             or mask.shape[2] != mask.shape[3] or mask.shape[2] <= MAX_QUERY_LEN):
         return None
     last = getattr(_last_prefill, "value", None)
-    if last is not None and last[0] is mask:
+    if last is not None and last[0]() is mask:
         return last[1]
     m = mask[:, 0]  # [B, T, T]
     T = m.shape[-1]
@@ -183,7 +186,7 @@ def padded_prefill_lengths(mask) -> list[int] | None:
     valid = idx[None, :, None] >= start  # the row's own query positions
     ok = bool(torch.where(valid, m == want, True).all())
     out = [int(n) for n in lengths.tolist()] if ok else None
-    _last_prefill.value = (mask, out)
+    _last_prefill.value = (weakref.ref(mask), out)
     return out
 
 
