@@ -97,6 +97,7 @@ class RowAdapters:
     rank_mask: torch.Tensor | None = None
     ranks: tuple[int, ...] = ()
     runs: tuple[tuple[int, int, int | None], ...] = ()
+    longest_run: int = 0  # rows in the longest of `runs`
 
     @classmethod
     def for_rows(cls, row_adapter: Sequence[int | None], ranks: Sequence[int], scales: Sequence[float],
@@ -116,14 +117,15 @@ class RowAdapters:
             if i == len(row_adapter) or row_adapter[i] != row_adapter[start]:
                 runs.append((start, i, row_adapter[start]))
                 start = i
-        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks), runs=tuple(runs))
+        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks), runs=tuple(runs),
+                   longest_run=max(e - s for s, e, _ in runs))
 
     def parts(self, tokens_per_row: int) -> list[tuple[int, int, "RowAdapters"]] | None:
         """A mixed batch split along its rows, for rows of `tokens_per_row` tokens each: every run of rows on one
         adapter holding at least `RUN_MIN_TOKENS` tokens its own uniform part, the rows between such runs masked
         parts (`rank_mask`'s rows); consecutive `(start, end, RowAdapters)` covering all rows. None when no run
         is that long (the whole batch masked)."""
-        if self.rank_mask is None or not any((e - s) * tokens_per_row >= RUN_MIN_TOKENS for s, e, _ in self.runs):
+        if self.rank_mask is None or self.longest_run * tokens_per_row < RUN_MIN_TOKENS:
             return None
         out, pending = [], None  # pending: the first row of a stretch of short runs
         for s, e, a in self.runs:
