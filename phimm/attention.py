@@ -84,6 +84,12 @@ def covers(module, query, key, attention_mask, dropout: float = 0.0, position_bi
     if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] not in (1, H)
                                        or attention_mask.shape[-2:] != (q, T)):
         return False
+    return _plain_cpu_call(module, query, dropout, position_bias, kwargs)
+
+
+def _plain_cpu_call(module, query, dropout, position_bias, kwargs) -> bool:
+    """No dropout in training, position bias, attention sinks or returned weights, and CPU tensors: the calls
+    this module computes itself."""
     if position_bias is not None or (dropout and module is not None and module.training):
         return False
     if kwargs.get("s_aux") is not None or kwargs.get("output_attentions", False):
@@ -138,7 +144,19 @@ def split_plan(lengths: list[int], width: int, column_bytes: int) -> tuple[int, 
     return best
 
 
-_last_plan = threading.local()  # (mask, plan) of the last mask seen on this thread: a forward's layers share one
+_last_mask = threading.local()  # per use: (weak reference to the last mask seen on this thread, what was made of it)
+
+
+def _once_per_mask(use: str, mask: torch.Tensor, make):
+    """`make()` for `mask`, made once while the same mask object comes again (every layer of a forward gets the
+    same mask object); the mask itself is not kept alive here (a prefill's is B x T x T booleans)."""
+    cache = _last_mask.__dict__
+    last = cache.get(use)
+    if last is not None and last[0]() is mask:
+        return last[1]
+    value = make()
+    cache[use] = (weakref.ref(mask), value)
+    return value
 
 
 def _plan_for(mask, key, value):
@@ -147,24 +165,18 @@ def _plan_for(mask, key, value):
     if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1
             or mask.shape[0] != key.shape[0] or mask.shape[0] < 2 or not SPLIT_CALL_BYTES):
         return None
-    last = getattr(_last_plan, "value", None)
-    if last is not None and last[0] is mask:
-        return last[1]
+    return _once_per_mask("split_plan", mask, lambda: _make_plan(mask, key, value))
+
+
+def _make_plan(mask, key, value):
     m = mask[:, 0, 0]  # [B, T]
     T = m.shape[-1]
     lengths = m.sum(-1)
     aligned = torch.arange(T, device=m.device)[None, :] >= (T - lengths)[:, None]
-    plan = None
-    if torch.equal(m, aligned):
-        column_bytes = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
-        plan = split_plan(lengths.tolist(), T, column_bytes)
-    _last_plan.value = (mask, plan)
-    return plan
-
-
-# (weak reference to the mask, lengths) of the last prefill mask seen on this thread: a bucket's mask is
-# B x T x T booleans, not kept alive here
-_last_prefill = threading.local()
+    if not torch.equal(m, aligned):
+        return None
+    column_bytes = key.shape[1] * (key.shape[-1] * key.element_size() + value.shape[-1] * value.element_size())
+    return split_plan(lengths.tolist(), T, column_bytes)
 
 
 def padded_prefill_lengths(mask) -> list[int] | None:
@@ -174,9 +186,10 @@ def padded_prefill_lengths(mask) -> list[int] | None:
     if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
             or mask.shape[2] != mask.shape[3] or mask.shape[2] <= MAX_QUERY_LEN):
         return None
-    last = getattr(_last_prefill, "value", None)
-    if last is not None and last[0]() is mask:
-        return last[1]
+    return _once_per_mask("padded_prefill", mask, lambda: _prefill_lengths(mask))
+
+
+def _prefill_lengths(mask) -> list[int] | None:
     m = mask[:, 0]  # [B, T, T]
     T = m.shape[-1]
     lengths = m[:, -1].sum(-1)  # the last query sees all of its row's positions
@@ -184,10 +197,7 @@ def padded_prefill_lengths(mask) -> list[int] | None:
     start = (T - lengths)[:, None, None]
     want = (idx[None, None, :] <= idx[None, :, None]) & (idx[None, None, :] >= start)  # causal within the row
     valid = idx[None, :, None] >= start  # the row's own query positions
-    ok = bool(torch.where(valid, m == want, True).all())
-    out = [int(n) for n in lengths.tolist()] if ok else None
-    _last_prefill.value = (weakref.ref(mask), out)
-    return out
+    return [int(n) for n in lengths.tolist()] if bool(torch.where(valid, m == want, True).all()) else None
 
 
 def padded_prefill_attention(module, query, key, value, lengths: list[int], scaling: float | None = None,
@@ -289,9 +299,8 @@ def phimm_attention_forward(module, query, key, value, attention_mask, dropout: 
         return mixed_step_attention(mixed, module, query, key, value, scaling=scaling,
                                     softcap=kwargs.get("softcap")), None
     if not covers(module, query, key, attention_mask, dropout=dropout, **kwargs):
-        if (query.shape[2] == key.shape[2] and query.device.type == "cpu" and not (dropout and module.training)
-                and kwargs.get("s_aux") is None and not kwargs.get("output_attentions", False)
-                and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
+        if (query.shape[2] == key.shape[2] and kwargs.get("softcap") is None
+                and _plain_cpu_call(module, query, dropout, kwargs.get("position_bias"), kwargs)):
             lengths = padded_prefill_lengths(attention_mask)
             if lengths is not None:
                 return padded_prefill_attention(module, query, key, value, lengths, scaling=scaling), None
