@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -97,7 +98,8 @@ class RowAdapters:
     rank_mask: torch.Tensor | None = None
     ranks: tuple[int, ...] = ()
     runs: tuple[tuple[int, int, int | None], ...] = ()
-    longest_run: int = 0  # rows in the longest of `runs`
+    # `parts` made per tokens-per-row (and `RUN_MIN_TOKENS`): a forward's layers all ask with the same value
+    _parts: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_rows(cls, row_adapter: Sequence[int | None], ranks: Sequence[int], scales: Sequence[float],
@@ -113,19 +115,24 @@ class RowAdapters:
         none = len(ranks)  # the table's last row: zeros, for rows on the base alone
         idx = torch.tensor([none if a is None else a for a in row_adapter], device=table.device)
         runs, start = [], 0
-        for i in range(1, len(row_adapter) + 1):
-            if i == len(row_adapter) or row_adapter[i] != row_adapter[start]:
-                runs.append((start, i, row_adapter[start]))
-                start = i
-        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks), runs=tuple(runs),
-                   longest_run=max(e - s for s, e, _ in runs))
+        for a, group in itertools.groupby(row_adapter):
+            n = sum(1 for _ in group)
+            runs.append((start, start + n, a))
+            start += n
+        return cls(rank_mask=table.index_select(0, idx), ranks=tuple(ranks), runs=tuple(runs))
 
     def parts(self, tokens_per_row: int) -> list[tuple[int, int, "RowAdapters"]] | None:
         """A mixed batch split along its rows, for rows of `tokens_per_row` tokens each: every run of rows on one
         adapter holding at least `RUN_MIN_TOKENS` tokens its own uniform part, the rows between such runs masked
         parts (`rank_mask`'s rows); consecutive `(start, end, RowAdapters)` covering all rows. None when no run
         is that long (the whole batch masked)."""
-        if self.rank_mask is None or self.longest_run * tokens_per_row < RUN_MIN_TOKENS:
+        key = (tokens_per_row, RUN_MIN_TOKENS)
+        if key not in self._parts:
+            self._parts[key] = self._make_parts(tokens_per_row)
+        return self._parts[key]
+
+    def _make_parts(self, tokens_per_row: int) -> list[tuple[int, int, "RowAdapters"]] | None:
+        if self.rank_mask is None or not any((e - s) * tokens_per_row >= RUN_MIN_TOKENS for s, e, _ in self.runs):
             return None
         out, pending = [], None  # pending: the first row of a stretch of short runs
         for s, e, a in self.runs:
