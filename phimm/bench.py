@@ -728,8 +728,9 @@ def run(args) -> dict:
     q4_dec = max(q4("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
                  for _ in range(2))
     agreement, logit_diff, where = int8_agreement(args, q4 if not _embedded_available() else None, pipe, kind="int4")
-    kernel = ("aten._weight_int4pack_mm_for_cpu" if q4.model.hf.lm_head.base_format.use_kernel
-              else "dequantize + matmul (fallback)")
+    kernel = {"phimm": "phimm.kernels int4_gemm (AVX-512 VNNI, int8-quantized input)",
+              "aten": "aten._weight_int4pack_mm_for_cpu"}.get(q4.model.hf.lm_head.base_format.kernel,
+                                                               "dequantize + matmul (fallback)")
     results["int4"] = {"decode_speedup": q4_dec / dec, "vs_int8": q4_dec / q_dec,
                        "bytes_ratio": q4_bytes / weight_bytes, "agreement": agreement, "max_logit_diff": logit_diff,
                        "agreement_on": where, "decode_tok_s": q4_dec, "group_size": INT4_GROUP_SIZE,
