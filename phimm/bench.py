@@ -734,7 +734,7 @@ def run(args) -> dict:
     results["int4"] = {"decode_speedup": q4_dec / dec, "vs_int8": q4_dec / q_dec,
                        "bytes_ratio": q4_bytes / weight_bytes, "agreement": agreement, "max_logit_diff": logit_diff,
                        "agreement_on": where, "decode_tok_s": q4_dec, "group_size": INT4_GROUP_SIZE,
-                       "kernel": kernel}
+                       "kernel": kernel, "decode_bandwidth_fraction": q4_bytes * q4_dec / (bandwidth * 1e9)}
     del q4
     results["memory"]["peak_rss_mb"] = peak_rss_mb()
     return results

@@ -69,8 +69,8 @@ def test_int4_kernel_and_fallback_agree(kernel):
 def test_phimm_int4_kernel_is_exact_on_its_quantized_input():
     """phimm's kernel computes exactly what it promises: the input rounded to int8 per group of 128 (absmax /
     127), exact int4 x int8 sums per group, the zero points against the unquantized input. Checked against that
-    computation written out in float64 for every row count the kernel's blocking distinguishes (1-6 rows a
-    pass, and a remainder), with fp32 input."""
+    computation written out in float64 for the row counts the kernel's blocking distinguishes (one or two rows,
+    with two accumulator chains each; more; passes of 12 rows, with and without a remainder), with fp32 input."""
     _needs("phimm")
     g = torch.Generator().manual_seed(3)
     n, k, group = 48, 384, 128
@@ -81,7 +81,7 @@ def test_phimm_int4_kernel_is_exact_on_its_quantized_input():
     c = fmt.scales_and_zeros.double().reshape(n // 16, k // group, 2, 16)[:, :, 1].permute(0, 2, 1).reshape(n, -1)
     q = (deq.reshape(n, -1, group) - c[..., None]) / s[..., None]
     assert torch.allclose(q, q.round(), atol=1e-6) and q.min() >= 0 and q.max() <= 15
-    for m in (1, 2, 5, 6, 7, 13):
+    for m in (1, 2, 3, 7, 12, 25):
         x = torch.randn(m, k, generator=g) * torch.linspace(0.1, 3, k)
         xg = x.double().reshape(m, -1, group)
         sx = xg.abs().amax(-1, keepdim=True) / 127
@@ -91,6 +91,34 @@ def test_phimm_int4_kernel_is_exact_on_its_quantized_input():
         y = fmt(x)
         assert y.dtype == torch.float32
         assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    # output blocks are shared out over threads: the same result, bit for bit
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(fmt(x), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int4_falls_back_to_torch_kernel_when_the_build_fails(monkeypatch, tmp_path, caplog):
+    """No compiler that works (or PHIMM_NO_NATIVE_KERNELS): torch's kernel, with the reason logged."""
+    import phimm.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("PHIMM_KERNEL_CACHE", str(tmp_path))  # nothing built before
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    w = torch.randn(32, 128).to(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="phimm.kernels"):
+        fmt = Int4Weight(w, None)
+    assert kernels.int4_kernel() is None and fmt.kernel == "aten"
+    assert "failed" in caplog.text
+    with pytest.raises(RuntimeError, match="not available"):
+        Int4Weight(w, None, kernel="phimm")
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PHIMM_NO_NATIVE_KERNELS", "1")
+    assert kernels.int4_kernel() is None and Int4Weight(w, None).kernel == "aten"
 
 
 def test_int4_unknown_kernel_is_refused():

@@ -76,8 +76,12 @@ static inline void block_rows(const uint8_t* wb, const uint16_t* scb, const int8
     __m512 accf[MT];
     for (int i = 0; i < MT; ++i) accf[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        __m512i acci[MT], accj[MT];  // two independent chains (low and high nibbles) hide vpdpbusd's latency
-        for (int i = 0; i < MT; ++i) acci[i] = accj[i] = _mm512_setzero_si512();
+        // one or two rows: two chains (low and high nibbles) per row hide vpdpbusd's latency; more rows are
+        // independent chains already, and the registers go to more rows per pass
+        constexpr bool split = MT <= 2;
+        __m512i acci[MT], accj[split ? MT : 1];
+        for (int i = 0; i < MT; ++i) acci[i] = _mm512_setzero_si512();
+        for (int i = 0; i < (split ? MT : 1); ++i) accj[i] = _mm512_setzero_si512();
         const uint8_t* wg = wb + g * kbg * 64;
         const int8_t* xg = xq + g * G;
         for (int64_t kb = 0; kb < kbg; ++kb) {
@@ -88,13 +92,17 @@ static inline void block_rows(const uint8_t* wb, const uint16_t* scb, const int8
             for (int i = 0; i < MT; ++i) {
                 const int32_t* xp = (const int32_t*)(xg + (m0 + i) * K + kb * 8);
                 acci[i] = _mm512_dpbusd_epi32(acci[i], lo, _mm512_set1_epi32(xp[0]));
-                accj[i] = _mm512_dpbusd_epi32(accj[i], hi, _mm512_set1_epi32(xp[1]));
+                if (split)
+                    accj[i] = _mm512_dpbusd_epi32(accj[i], hi, _mm512_set1_epi32(xp[1]));
+                else
+                    acci[i] = _mm512_dpbusd_epi32(acci[i], hi, _mm512_set1_epi32(xp[1]));
             }
         }
         const __m512 sv = bf16_to_fp32(scb + g * 32), cv = bf16_to_fp32(scb + g * 32 + 16);
         for (int i = 0; i < MT; ++i) {
             const int64_t m = m0 + i;
-            accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acci[i], accj[i])), _mm512_mul_ps(sv, _mm512_set1_ps(sx[m * ng + g])),
+            const __m512i acc = split ? _mm512_add_epi32(acci[i], accj[split ? i : 0]) : acci[i];
+            accf[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sv, _mm512_set1_ps(sx[m * ng + g])),
                                       accf[i]);
             accf[i] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xsum[m * ng + g]), accf[i]);
         }
@@ -102,7 +110,10 @@ static inline void block_rows(const uint8_t* wb, const uint16_t* scb, const int8
     for (int i = 0; i < MT; ++i) _mm512_storeu_ps(y + (m0 + i) * N + n0, accf[i]);
 }
 
-#define PHIMM_MT 6  // input rows per pass over a block: 3 x MT accumulators stay in registers
+#ifndef PHIMM_MT
+#define PHIMM_MT 12  // input rows per pass over a block: 2 x MT accumulators stay in registers
+#endif
+#define PHIMM_ROWS(R) case R: block_rows<R>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16); break;
 
 extern "C" int phimm_int4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* sc,
                                int64_t N, int64_t G, float* y, int nthreads) {
@@ -123,12 +134,9 @@ extern "C" int phimm_int4_gemm(const float* x, int64_t M, int64_t K, const uint8
         int64_t m0 = 0;
         for (; m0 + PHIMM_MT <= M; m0 += PHIMM_MT)
             block_rows<PHIMM_MT>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16);
-        switch (M - m0) {
-            case 5: block_rows<5>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16); break;
-            case 4: block_rows<4>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16); break;
-            case 3: block_rows<3>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16); break;
-            case 2: block_rows<2>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16); break;
-            case 1: block_rows<1>(wb, scb, xq, sx, xsum, m0, K, G, y, N, nb * 16); break;
+        switch (M - m0) {  // the rest, fewer than PHIMM_MT rows
+            PHIMM_ROWS(1) PHIMM_ROWS(2) PHIMM_ROWS(3) PHIMM_ROWS(4) PHIMM_ROWS(5) PHIMM_ROWS(6)
+            PHIMM_ROWS(7) PHIMM_ROWS(8) PHIMM_ROWS(9) PHIMM_ROWS(10) PHIMM_ROWS(11)
             default: break;
         }
     }
