@@ -1,10 +1,11 @@
 """CPU kernels of phimm's own, built from source on first use.
 
-`int4_gemm.cpp`: group-wise int4 weights times int8-quantized activations on AVX-512 VNNI (see its header). It is
-plain C++ with a C interface, compiled once per machine by the system's C++ compiler (`CXX`, else `g++`; about a
-second) into a cache folder (`PHIMM_KERNEL_CACHE`, else `~/.cache/phimm/kernels`) and called through `ctypes`,
-which releases the GIL for the call. Where there is no compiler, the build fails, or the CPU lacks the
-instructions, `int4_kernel()` returns None and callers use torch's own kernel.
+`int4_gemm.cpp`: group-wise int4 weights times int8-quantized activations on AVX-512 VNNI, and on AMX from 16
+rows on where the CPU has it (see its header). It is plain C++ with a C interface, compiled once per machine by
+the system's C++ compiler (`CXX`, else `g++`; about a second) into a cache folder (`PHIMM_KERNEL_CACHE`, else
+`~/.cache/phimm/kernels`) and called through `ctypes`, which releases the GIL for the call. Where there is no
+compiler, the build fails, or the CPU lacks the instructions, `int4_kernel()` returns None and callers use
+torch's own kernel.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class Int4Kernel:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.phimm_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
         self.lib, self.path = lib, path
-        self.available = bool(lib.phimm_int4_isa())
+        isa = lib.phimm_int4_isa()
+        self.available = isa >= 1  # AVX-512 VNNI
+        self.amx = isa >= 2  # and AMX tiles for many rows (Linux grants them on the first such call)
 
     def gemm(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
         """`x` [M, K] (made fp32 and contiguous), `packed` and `scales` from `pack_int4`: returns fp32 [M, N]."""
