@@ -410,13 +410,28 @@ def run_decode_attention(args) -> dict:
 
 def mixed_and_rows(args, pipe, ref, ckpt, reqs, new: int, results: dict) -> None:
     """The 16 mixed requests: phimm's one call against the reference one at a time and per modality, interleaved
-    `args.repeats` times (`speedup`: best against best; `speedup_median`: the median of each repeat's ratio); then
-    every row of phimm's batch against the same request alone, in fp32."""
+    `args.repeats` times after one untimed call of each, phimm's media feature cache off (`speedup`: best against
+    best; `speedup_median`: the median of each repeat's ratio); then every row of phimm's batch against the same
+    request alone, in fp32."""
     import phimm
 
     times = {"phimm": [], "one_at_a_time": [], "per_modality": []}
+    # one untimed call of each batched strategy first: a library's first batch of new shapes pays one-time set-up
+    # (kernels for the shapes, allocator growth) that a long-running server pays once. (The one-at-a-time
+    # requests' shapes ran before, in the memory phase.)
+    pipe([to_request(r) for r in reqs], max_new_tokens=2)
+    for k in ADAPTER:
+        ref.run([r for r in reqs if r[0] == k], 2)
+    cache, capacity = pipe.model.feature_cache, pipe.model.feature_cache.capacity
     for rep in range(args.repeats):
-        t, outs = timed(lambda: pipe([to_request(r) for r in reqs], max_new_tokens=new, min_new_tokens=new))
+        # no media features kept from earlier calls or shared within the call: phimm encodes every request's
+        # media, as the reference does
+        cache.clear()
+        cache.capacity = 0
+        try:
+            t, outs = timed(lambda: pipe([to_request(r) for r in reqs], max_new_tokens=new, min_new_tokens=new))
+        finally:
+            cache.capacity = capacity
         times["phimm"].append(t)
         t, _ = timed(lambda: [ref.run([r], new) for r in reqs])
         times["one_at_a_time"].append(t)
