@@ -268,13 +268,6 @@ class Int4Weight:
         return y.reshape(*shape[:-1], self.out_features)
 
 
-# the batch size oneDNN's weight layout is chosen for. One core, bf16, each weight read from memory (hint 1 / 16):
-# batch 1 within 3 % either way (3072 x 8192: 3.90 / 3.77 ms; 5120 x 3072: 2.25 / 2.34 ms); 1,079 rows (a
-# prefill) 10-25 % faster with 16 (16384 x 3072: 149 / 118 ms; 3072 x 8192: 72.0 / 55.4 ms; 1024 x 3584: 8.06 /
-# 6.13 ms)
-PACK_BATCH_HINT = 16
-
-
 class PackedWeight:
     """A frozen bf16 CPU weight in oneDNN's blocked layout. `lazy`: keep the source (a memory-mapped tensor is not
     read) and pack on the first call, after which the source is dropped."""
@@ -306,7 +299,10 @@ class PackedWeight:
     def pack(self) -> None:
         from .formats.shards import release_file_pages
 
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.source, PACK_BATCH_HINT)
+        # laid out for batch 1. A layout for batch 16 made 1,079-row prefill GEMMs 10-25 % faster alone (the 16
+        # mixed requests at 209m about 6 %), but batch-1 decode of the 209m model 14 % slower (28.6 -> 24.7 tok/s,
+        # the vision route 22.6 -> 19.9; full width 68 % of the bandwidth instead of 74-85 %)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.source, 1)
         self.nbytes = self.packed.numel() * self.packed.element_size()
         # a source read from a memory-mapped checkpoint stays mapped (the file's other tensors are in use): give
         # its pages back, or the packed copy would sit beside them
