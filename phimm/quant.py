@@ -131,11 +131,12 @@ def quantize_weight_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q, torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
 
 
-# the CPU int4 kernel: "phimm" (`phimm.kernels`: int4 x int8 on AVX-512 VNNI, each call quantizing its input per
-# group to int8; built from source on first use), "aten" (torch's `_weight_int4pack_mm_for_cpu`, weight-only, bf16
-# activations) or "auto": phimm's where it builds and the CPU has the instructions, else aten's. Batch 1, one
-# core, weights read from memory (aten / phimm): 8192 x 3072 1.81 / 0.97 ms; the 200,064 x 3072 head 43.4 / 22.6
-# ms; prefill of 1,024 rows through 8192 x 3072 589 / 155 ms
+# the CPU int4 kernel: "phimm" (`phimm.kernels`: int4 x int8 on AVX-512 VNNI, AMX from 16 rows, each call
+# quantizing its input per group to int8; built from source on first use), "aten" (torch's
+# `_weight_int4pack_mm_for_cpu`, weight-only, bf16 activations) or "auto": phimm's where it builds and the CPU has
+# the instructions, else aten's. One core, weights read from memory (aten / phimm): batch 1 through 8192 x 3072
+# 1.81 / 0.92 ms; the 200,064 x 3072 head 42.0 / 20.3 ms; 1,024 rows through 8192 x 3072 556 / 66 ms
+# (benchmarks/int4_kernel.py)
 INT4_KERNEL = "auto"
 INT4_KERNELS = ("auto", "phimm", "aten")
 
@@ -170,10 +171,10 @@ class Int4Weight:
     output channel: 128 weights take 64 + 4 bytes, 0.27x bf16. `nbytes` counts the packed values and the scales.
 
     Kernels on CPU (`INT4_KERNEL`, or `kernel`; `self.kernel` says which one a weight got):
-    - "phimm": `phimm.kernels`' AVX-512 VNNI kernel. Each call quantizes its input per row and group to int8
-      (absmax / 127) and sums exact int8 x int4 products per group (as fbgemm's int8 path quantizes its input);
-      the zero points see the unquantized input. At decode batch sizes it reads its weights at close to the
-      memory's speed, about twice int8's bytes per second in weights.
+    - "phimm": `phimm.kernels`' kernel (AVX-512 VNNI; AMX tiles from 16 rows on). Each call quantizes its input
+      per row and group to int8 (absmax / 127) and sums exact int8 x int4 products per group (as fbgemm's int8
+      path quantizes its input); the zero points see the unquantized input. At decode batch sizes it reads its
+      weights at close to the memory's speed, twice the rate of torch's kernel.
     - "aten": torch's `torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16 [M, K], packed, group,
       scales_and_zeros_bf16 [K / group, N, 2])` on a weight packed once by
       `torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_int32 [N, K], 2)` (uint8 [N, K / 2]; the CPU packing
