@@ -743,7 +743,11 @@ def run(args) -> dict:
     q4_dec = max(q4("<|user|>hello<|end|><|assistant|>", max_new_tokens=2 * new, min_new_tokens=2 * new).tokens_per_s
                  for _ in range(2))
     agreement, logit_diff, where = int8_agreement(args, q4 if not _embedded_available() else None, pipe, kind="int4")
-    kernel = {"phimm": "phimm.kernels int4_gemm (AVX-512 VNNI, int8-quantized input)",
+    from .kernels import int4_kernel
+
+    native = int4_kernel()
+    isa = "AVX-512 VNNI" + (", AMX from 16 rows" if native is not None and native.amx else "")
+    kernel = {"phimm": f"phimm.kernels int4_gemm ({isa}, int8-quantized input)",
               "aten": "aten._weight_int4pack_mm_for_cpu"}.get(q4.model.hf.lm_head.base_format.kernel,
                                                                "dequantize + matmul (fallback)")
     results["int4"] = {"decode_speedup": q4_dec / dec, "vs_int8": q4_dec / q_dec,
