@@ -281,7 +281,7 @@ def decode_attention_routes(pipe, spec, new: int, repeats: int = 3) -> dict:
 def attention_in_decode_steps(pipe, positions=(19, 1079), steps: int = 16, repeats: int = 3) -> dict:
     """Decode steps of one row straight through the model (base weights, no engine) after `n` cached positions,
     with the decoder's attention function timed inside them: ms per step and ms of it in attention, for phimm's
-    decode attention (its default kernel, and "matmul") and for sdpa. Best of `repeats`."""
+    decode attention (its default kernel, "flash" and "matmul") and for sdpa. Best of `repeats`."""
     import functools
 
     from transformers import AttentionInterface
@@ -302,6 +302,7 @@ def attention_in_decode_steps(pipe, positions=(19, 1079), steps: int = 16, repea
         return forward
 
     impls = {"phimm": attention.phimm_attention_forward,
+             "phimm-flash": functools.partial(attention.phimm_attention_forward, kernel="flash"),
              "phimm-matmul": functools.partial(attention.phimm_attention_forward, kernel="matmul"),
              "sdpa": sdpa_attention_forward}
     for impl, fn in impls.items():
@@ -363,8 +364,8 @@ def decode_attention_markdown(d: dict, command: str, config: str) -> str:
                   "attention timed inside them (best of 3):", "",
                   "| decoder attention | cached positions | ms per step | ms in attention | per layer |",
                   "|---|---|---|---|---|"]
-        for impl, label in (("phimm", f"phimm ({attention_kernel()})"), ("phimm-matmul", "phimm (matmul)"),
-                            ("sdpa", "sdpa")):
+        for impl, label in (("phimm", f"phimm ({attention_kernel()})"), ("phimm-flash", "phimm (flash)"),
+                            ("phimm-matmul", "phimm (matmul)"), ("sdpa", "sdpa")):
             for n, v in a[impl].items():
                 lines.append(f"| {label} | {n} | {v['step_ms']:.1f} | {v['attention_ms']:.2f} | "
                              f"{v['attention_ms_per_layer']:.3f} |")
@@ -479,51 +480,61 @@ def adapter_bytes(model, name: str | None) -> int:
     return total
 
 
-def route_decode(pipe, first: dict, new: int, base_bytes: int, bandwidth: float, reps: int = 2) -> dict:
-    """Batch-1 decode tokens/s of each route (its media encoded once beforehand), with the bytes a step reads
-    (the base's, plus the route's adapter) as a share of `bandwidth`; `over_text`: against the text route."""
-    out = {}
-    for kind, r in first.items():
-        req = to_request(r)
+def route_decode(pipe, first: dict, new: int, base_bytes: int, bandwidth: float, reps: int = 3) -> dict:
+    """Batch-1 decode tokens/s of each route (its media encoded once beforehand; best of `reps`), with the bytes a
+    step reads (the base's, plus the route's adapter) as a share of `bandwidth`. The routes take turns within each
+    repeat, and `over_text` is the median over repeats of the route's rate over the text route's in the same
+    repeat (a machine whose bandwidth drifts moves best-of figures taken minutes apart)."""
+    reqs = {kind: to_request(r) for kind, r in first.items()}
+    for req in reqs.values():
         pipe(req, max_new_tokens=2)  # media features cached: decode alone is timed
-        rate = max(pipe(req, max_new_tokens=new, min_new_tokens=new).tokens_per_s for _ in range(reps))
+    rates = {kind: [] for kind in reqs}
+    for _ in range(reps):
+        for kind, req in reqs.items():
+            rates[kind].append(pipe(req, max_new_tokens=new, min_new_tokens=new).tokens_per_s)
+    out = {}
+    for kind, rs in rates.items():
         nbytes = base_bytes + adapter_bytes(pipe.model, ADAPTER[kind])
-        out[kind] = {"decode_tok_s": rate, "bytes_per_token": nbytes,
-                     "bandwidth_fraction": nbytes * rate / (bandwidth * 1e9)}
-    for v in out.values():
-        v["over_text"] = v["decode_tok_s"] / out["text"]["decode_tok_s"]
+        out[kind] = {"decode_tok_s": max(rs), "bytes_per_token": nbytes,
+                     "bandwidth_fraction": nbytes * max(rs) / (bandwidth * 1e9),
+                     "over_text": float(np.median([r / t for r, t in zip(rs, rates["text"])])),
+                     "over_text_each": [r / t for r, t in zip(rs, rates["text"])]}
     print(f"[bench] route decode: {out}", flush=True)
     return out
 
 
 def single_routes(pipe, ref, first: dict, new: int, base_bytes: int, bandwidth: float, reps: int = 2) -> dict:
-    """Each route alone, phimm and the reference interleaved: time to first token (phimm's media feature cache
-    emptied before each, so both encode the media every time), decode tokens/s (best of `reps`), and phimm's
-    bytes per token against `bandwidth`."""
-    single = {}
-    for kind, r in first.items():
-        p_ttft, p_dec, r_ttft, r_dec = [], [], [], []
-        for _ in range(reps):
+    """Each route alone, phimm and the reference interleaved, the routes taking turns within each repeat: time to
+    first token (phimm's media feature cache emptied before each, so both encode the media every time), decode
+    tokens/s (best of `reps`), phimm's bytes per token against `bandwidth`, and `decode_over_text`: the median
+    over repeats of phimm's decode rate on the route over its text rate in the same repeat."""
+    runs = {kind: {"p_ttft": [], "p_dec": [], "r_ttft": [], "r_dec": []} for kind in first}
+    for _ in range(reps):
+        for kind, r in first.items():
+            m = runs[kind]
             pipe.model.feature_cache.clear()
             o = pipe(to_request(r), max_new_tokens=new, min_new_tokens=new)
-            p_ttft.append(o.ttft_s)
-            p_dec.append(o.tokens_per_s)
+            m["p_ttft"].append(o.ttft_s)
+            m["p_dec"].append(o.tokens_per_s)
             # the reference's decode from its own token times (a second run's TTFT taken off would leave the
             # difference of two media encodings, seconds apart at the published widths)
             times = TokenTimes()
             t0 = time.perf_counter()
             ref.run([r], new, streamer=times)
-            r_ttft.append(times.times[0] - t0)
-            r_dec.append((len(times.times) - 1) / max(times.times[-1] - times.times[0], 1e-9))
+            m["r_ttft"].append(times.times[0] - t0)
+            m["r_dec"].append((len(times.times) - 1) / max(times.times[-1] - times.times[0], 1e-9))
+    single = {}
+    for kind, m in runs.items():
         nbytes = base_bytes + adapter_bytes(pipe.model, ADAPTER[kind])
-        single[kind] = {"phimm_ttft_s": min(p_ttft), "reference_ttft_s": min(r_ttft),
-                        "phimm_decode_tok_s": max(p_dec), "reference_decode_tok_s": max(r_dec),
-                        "ttft_ratio": min(p_ttft) / min(r_ttft),
-                        "decode_ratio": max(r_dec) / max(p_dec),  # phimm time per token / reference time per token
-                        "bytes_per_token": nbytes, "bandwidth_fraction": nbytes * max(p_dec) / (bandwidth * 1e9)}
+        p_dec, r_dec = max(m["p_dec"]), max(m["r_dec"])
+        each = [p / t for p, t in zip(m["p_dec"], runs["text"]["p_dec"])]
+        single[kind] = {"phimm_ttft_s": min(m["p_ttft"]), "reference_ttft_s": min(m["r_ttft"]),
+                        "phimm_decode_tok_s": p_dec, "reference_decode_tok_s": r_dec,
+                        "ttft_ratio": min(m["p_ttft"]) / min(m["r_ttft"]),
+                        "decode_ratio": r_dec / p_dec,  # phimm time per token / reference time per token
+                        "bytes_per_token": nbytes, "bandwidth_fraction": nbytes * p_dec / (bandwidth * 1e9),
+                        "decode_over_text": float(np.median(each)), "decode_over_text_each": each}
         print(f"[bench] single {kind}: {single[kind]}", flush=True)
-    for v in single.values():
-        v["decode_over_text"] = v["phimm_decode_tok_s"] / single["text"]["phimm_decode_tok_s"]
     return single
 
 

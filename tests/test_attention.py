@@ -63,7 +63,7 @@ CASES = [  # (B, heads, kv heads, head dim, cached positions, query positions, m
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-KV{}-D{}-T{}-q{}-{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kernel", ["flash", "matmul"])
+@pytest.mark.parametrize("kernel", ["phimm", "flash", "matmul"])
 def test_matches_sdpa_on_random_tensors(case, dtype, kernel):
     B, H, hkv, D, T, q, kind = case
     gen = torch.Generator().manual_seed(T + q)
@@ -263,3 +263,79 @@ def test_tiny_model_rows_prefilled_together_equal_sdpa_alone(tiny_ckpt, monkeypa
         want = ref(r, **kw)
         assert got.token_ids == want.token_ids
         assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) <= 1e-5
+
+
+native = pytest.mark.skipif(attention._native() is None,
+                            reason="phimm's decode-attention kernel cannot be built here (no compiler or no AVX-512)")
+
+
+def _right_aligned(lengths, T):
+    return (torch.arange(T)[None, :] >= (T - torch.tensor(lengths))[:, None])[:, None, None, :]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(24, 8, 128), (16, 4, 64), (7, 1, 32), (6, 6, 16), (12, 2, 80)],
+                         ids=lambda s: "H{}-KV{}-D{}".format(*s))
+def test_native_kernel_matches_exact_attention(dtype, shape, monkeypatch):
+    """phimm's kernel on rows of very different right-aligned lengths (one row seeing nothing, rows of 1-5
+    positions through its short-row paths), query groups of 1 to 7 heads per KV head (over 4: two passes), head
+    dims through the vdpbf16ps path (multiples of 32) and the widening one (80, 16): against attention computed
+    in float64 from the same inputs, as close as sdpa's kernels are; no other kernel is called."""
+    H, hkv, D = shape
+    gen = torch.Generator().manual_seed(H * D)
+    T = 203
+    lengths = [203, 0, 1, 3, 5, 64, 200]
+    B = len(lengths)
+    query = torch.randn(B, 1, H, D, generator=gen).to(dtype).transpose(1, 2)
+    key, value = _cache_view(B, hkv, T, D, dtype, gen), _cache_view(B, hkv, T, D, dtype, gen)
+    mask = _right_aligned(lengths, T)
+    monkeypatch.setattr(attention, "_flash_attention", lambda *a: pytest.fail("flash kernel called"))
+    monkeypatch.setattr(attention, "_matmul_attention", lambda *a: pytest.fail("matmul kernel called"))
+    ours = decode_attention(query, key, value, mask, scaling=D ** -0.5, kernel="phimm")
+    assert ours.shape == (B, 1, H, D) and ours.dtype == dtype and ours.is_contiguous()
+    g = H // hkv
+    s = torch.einsum("bhd,bhtd->bht", query[:, :, 0].double(), key.double().repeat_interleave(g, 1)) * D ** -0.5
+    s = s.masked_fill(~mask[:, 0], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    exact = torch.einsum("bht,bhtd->bhd", p, value.double().repeat_interleave(g, 1))[:, None]
+    assert (ours[1] == 0).all()  # the row that sees nothing
+    err = (ours.double() - exact).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 2e-6, err
+    else:  # bf16 output: within a rounding of the largest value, as sdpa
+        ref = _sdpa(query, key, value, mask, D ** -0.5).double()
+        assert err <= max(2 ** -8 * exact.abs().max().item(), 1.5 * (ref - exact).abs().max().item()), err
+
+
+@native
+def test_native_kernel_threads_and_fallbacks(monkeypatch):
+    """Two threads give what one gives, bit for bit; a mask that is not right-aligned, an additive mask and a
+    softcap go to the other kernels; a lone row without a mask reads every column."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, hkv, D, T = 4, 24, 8, 128, 300
+    query = torch.randn(B, 1, H, D, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    key, value = _cache_view(B, hkv, T, D, torch.bfloat16, gen), _cache_view(B, hkv, T, D, torch.bfloat16, gen)
+    mask = _right_aligned([300, 40, 299, 7], T)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention(query, key, value, mask, kernel="phimm")
+        torch.set_num_threads(2)
+        two = decode_attention(query, key, value, mask, kernel="phimm")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    whole = decode_attention(query[:1], key[:1], value[:1], None, kernel="phimm")
+    assert torch.equal(whole, one[:1])  # row 0 sees every column: no mask means the same
+    calls = []
+    real = attention._flash_attention
+    monkeypatch.setattr(attention, "_flash_attention", lambda *a: calls.append(1) or real(*a))
+    holes = mask.clone()
+    holes[0, 0, 0, 10] = False
+    decode_attention(query, key, value, holes, kernel="phimm")
+    additive = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    decode_attention(query.float(), key.float(), value.float(), additive, kernel="phimm")
+    assert len(calls) == 2
+    capped = decode_attention(query.float(), key.float(), value.float(), mask, softcap=30.0, kernel="phimm")
+    assert capped.shape == (B, 1, H, D)

@@ -1,11 +1,14 @@
 """CPU kernels of phimm's own, built from source on first use.
 
-`int4_gemm.cpp`: group-wise int4 weights times int8-quantized activations on AVX-512 VNNI, and on AMX from 16
-rows on where the CPU has it (see its header). It is plain C++ with a C interface, compiled once per machine by
-the system's C++ compiler (`CXX`, else `g++`; about a second) into a cache folder (`PHIMM_KERNEL_CACHE`, else
-`~/.cache/phimm/kernels`) and called through `ctypes`, which releases the GIL for the call. Where there is no
-compiler, the build fails, or the CPU lacks the instructions, `int4_kernel()` returns None and callers use
-torch's own kernel.
+- `int4_gemm.cpp` (`int4_kernel()`): group-wise int4 weights times int8-quantized activations on AVX-512 VNNI,
+  and on AMX from 16 rows on where the CPU has it (see its header).
+- `decode_attention.cpp` (`attention_kernel()`): one query position per row against a long KV cache,
+  grouped-query attention, keys and values read once in place (see its header).
+
+Each is plain C++ with a C interface, compiled once per machine by the system's C++ compiler (`CXX`, else `g++`;
+about a second) into a cache folder (`PHIMM_KERNEL_CACHE`, else `~/.cache/phimm/kernels`) and called through
+`ctypes`, which releases the GIL for the call. Where there is no compiler, the build fails, the CPU lacks the
+instructions, or `PHIMM_NO_NATIVE_KERNELS` is set, the functions return None and callers use torch's kernels.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("int4_gemm.cpp")
+_HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
@@ -45,20 +48,22 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "phimm" / "kernels"
 
 
-def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler and CPU, compiled unless already in the cache."""
+def _build(compiler: str, name: str = "int4_gemm") -> Path:
+    """The shared library of `name`.cpp for this source, compiler and CPU, compiled unless already in the
+    cache."""
+    source = _HERE / f"{name}.cpp"
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
+    key.update(source.read_bytes())
     key.update(" ".join([compiler, *_FLAGS]).encode())
     key.update(_cpu_flags().encode())
-    target = _cache_dir() / f"int4_gemm-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
@@ -110,21 +115,85 @@ def int4_kernel() -> Int4Kernel | None:
 
 
 def _load_int4() -> Int4Kernel | None:
+    return _load("int4_gemm", Int4Kernel, "phimm int4 kernel", "torch's int4 kernel", "AVX-512 VNNI")
+
+
+def _load(name: str, cls, what: str, instead: str, needs: str):
+    """`cls` over the library of `name`.cpp, or None (the reason logged) where it cannot be had."""
     if os.environ.get("PHIMM_NO_NATIVE_KERNELS"):
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
-        log.info("phimm int4 kernel: no C++ compiler found; torch's int4 kernel is used")
+        log.info("%s: no C++ compiler found; %s is used", what, instead)
         return None
     try:
-        kernel = Int4Kernel(_build(compiler))
+        kernel = cls(_build(compiler, name))
     except Exception as exc:  # a build or load failure leaves torch's kernel in place
-        log.warning("phimm int4 kernel unavailable (%s); torch's int4 kernel is used", exc)
+        log.warning("%s unavailable (%s); %s is used", what, exc, instead)
         return None
     if not kernel.available:
-        log.info("phimm int4 kernel: this CPU lacks AVX-512 VNNI; torch's int4 kernel is used")
+        log.info("%s: this CPU lacks %s; %s is used", what, needs, instead)
         return None
     return kernel
+
+
+class AttentionKernel:
+    """The loaded decode-attention library: `decode(query, key, value, starts, scale)`."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        lib.phimm_attn_isa.restype = ctypes.c_int
+        lib.phimm_decode_attention.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.phimm_decode_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64,
+                                               i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float, ptr,
+                                               ctypes.c_int, ctypes.c_int]
+        self.lib, self.path = lib, path
+        self.available = lib.phimm_attn_isa() >= 1  # AVX-512 F and BW
+
+    @staticmethod
+    def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether `decode` computes these tensors: CPU, one dtype (fp32 or bf16), one query position, head dims
+        multiples of 16, unit stride along them."""
+        dtype = query.dtype
+        return (dtype in (torch.float32, torch.bfloat16) and key.dtype == dtype and value.dtype == dtype
+                and query.device.type == key.device.type == value.device.type == "cpu"
+                and query.dim() == 4 and query.shape[2] == 1 and key.dim() == 4 and value.dim() == 4
+                and query.shape[-1] % 16 == 0 and value.shape[-1] % 16 == 0
+                and key.shape[-1] == query.shape[-1] and key.shape[:3] == value.shape[:3]
+                and query.shape[0] == key.shape[0] and query.shape[1] % key.shape[1] == 0
+                and query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1)
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """`query [B, H, 1, D]` against `key` / `value` `[B, Hkv, T, D]` (views of a cache are read in place), row
+        b over columns `starts[b]` .. T-1 (int64 [B]; None: all). Returns `[B, 1, H, Dv]` in the query's dtype."""
+        if not self.takes(query, key, value):
+            raise ValueError(f"phimm decode attention does not take query {tuple(query.shape)} {query.dtype}, "
+                             f"key {tuple(key.shape)} {key.dtype}, value {tuple(value.shape)} {value.dtype}")
+        B, H, _, D = query.shape
+        hkv, T, dv = key.shape[1], key.shape[2], value.shape[-1]
+        out = torch.empty(B, 1, H, dv, dtype=query.dtype)
+        if starts is not None:
+            starts = starts.to(torch.int64).contiguous()
+        qs, ks, vs = query.stride(), key.stride(), value.stride()
+        rc = self.lib.phimm_decode_attention(
+            query.data_ptr(), B, H, D, qs[0], qs[1], key.data_ptr(), value.data_ptr(), hkv, T, dv,
+            ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], None if starts is None else starts.data_ptr(), scale,
+            out.data_ptr(), 1 if query.dtype == torch.bfloat16 else 0, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"phimm decode attention refused its arguments (code {rc})")
+        return out
+
+
+def attention_kernel() -> AttentionKernel | None:
+    """phimm's decode-attention CPU kernel for this machine, built on first call; None where it cannot be had
+    (the reason is logged once)."""
+    with _lock:
+        if "attention" not in _loaded:
+            _loaded["attention"] = _load("decode_attention", AttentionKernel, "phimm decode attention kernel",
+                                         "PyTorch's attention", "AVX-512")
+        return _loaded["attention"]
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
