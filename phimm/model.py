@@ -120,10 +120,12 @@ class MixtureModel(nn.Module):
         self.feature_cache = FeatureCache()
         self.weight_format = "dense"  # or "packed", "int8": set by phimm.quant
         self.cache_kwarg = _cache_kwarg_of(self.decoder)
-        from . import attention  # decode steps: GQA against the cache without per-head K/V copies
+        from . import attention, norm  # decode steps: GQA against the cache without per-head K/V copies
 
         if attention.ENABLED:
             attention.use_for_decoder(hf_model)
+        if norm.ENABLED:  # the decoder's RMSNorms in one pass over each row
+            norm.use_for_decoder(self.decoder)
         for adapter in dict(adapters).values():
             self.add_adapter(adapter)
 

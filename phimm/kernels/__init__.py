@@ -4,6 +4,7 @@
   and on AMX from 16 rows on where the CPU has it (see its header).
 - `decode_attention.cpp` (`attention_kernel()`): one query position per row against a long KV cache,
   grouped-query attention, keys and values read once in place (see its header).
+- `rms_norm.cpp` (`norm_kernel()`): the decoder's RMSNorm in one pass over each row (see its header).
 
 Each is plain C++ with a C interface, compiled once per machine by the system's C++ compiler (`CXX`, else `g++`;
 about a second) into a cache folder (`PHIMM_KERNEL_CACHE`, else `~/.cache/phimm/kernels`) and called through
@@ -218,3 +219,67 @@ def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch
     q = q.permute(0, 2, 1, 4, 3).reshape(nb * 16, k).float()  # channel 8 kb + 4 half + j
     sc = scales.float().reshape(nb, k // group, 2, 16).permute(0, 3, 1, 2).reshape(nb * 16, k // group, 2)
     return (q.reshape(nb * 16, k // group, group) * sc[..., :1] + sc[..., 1:]).reshape(nb * 16, k)
+
+
+class NormKernel:
+    """The loaded RMSNorm library: `rms_norm(x, weight, eps)`."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        lib.phimm_norm_isa.restype = ctypes.c_int
+        lib.phimm_rms_norm.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.phimm_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
+        self.lib, self.path = lib, path
+        self.available = lib.phimm_norm_isa() >= 1
+
+    @staticmethod
+    def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """CPU, x and weight of one dtype (fp32 or bf16), the weight contiguous and as wide as x's last axis,
+        unit stride along it, and rows that flatten to one stride; no gradient to keep."""
+        return (x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype
+                and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() >= 1
+                and weight.dim() == 1 and weight.shape[0] == x.shape[-1] and weight.is_contiguous()
+                and x.stride(-1) == 1 and x.numel() > 0
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+                and _rows_stride(x) is not None)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`weight * (x * rsqrt(mean(x^2, -1) + eps))`, the normalized rows rounded to x's dtype before the
+        weight, as transformers' Llama-family RMSNorm; a new contiguous tensor of x's shape."""
+        if not self.takes(x, weight):
+            raise ValueError(f"phimm RMSNorm does not take x {tuple(x.shape)} {x.dtype} with weight "
+                             f"{tuple(weight.shape)} {weight.dtype}")
+        n = x.shape[-1]
+        rows = x.numel() // n
+        out = torch.empty(x.shape, dtype=x.dtype)
+        rc = self.lib.phimm_rms_norm(x.data_ptr(), rows, n, _rows_stride(x), weight.data_ptr(), float(eps),
+                                     out.data_ptr(), 1 if x.dtype == torch.bfloat16 else 0, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"phimm RMSNorm refused its arguments (code {rc})")
+        return out
+
+
+def _rows_stride(x: torch.Tensor) -> int | None:
+    """The stride between consecutive rows of x's last axis when all leading axes flatten to one, else None."""
+    leading = [(size, st) for size, st in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
+    if not leading:
+        return x.shape[-1]
+    stride = expect = leading[-1][1]
+    if stride < x.shape[-1]:
+        return None
+    for size, st in reversed(leading):
+        if st != expect:
+            return None
+        expect *= size
+    return stride
+
+
+def norm_kernel() -> NormKernel | None:
+    """phimm's RMSNorm CPU kernel for this machine, built on first call; None where it cannot be had (the reason
+    is logged once)."""
+    with _lock:
+        if "norm" not in _loaded:
+            _loaded["norm"] = _load("rms_norm", NormKernel, "phimm RMSNorm kernel", "the module's own forward",
+                                    "AVX-512")
+        return _loaded["norm"]
