@@ -347,7 +347,11 @@ class LoraLinear(nn.Module):
                         out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), dense().t(),
                                                                alpha=self.lora_scale[i])
                         return out
-                    return out.add_(fb(fa(x)), alpha=self.lora_scale[i])
+                    h = fa(x)
+                    add_into = getattr(fb, "add_into", None)  # B's product added into `out` by the format itself
+                    if add_into is not None and add_into(h, out, self.lora_scale[i]):
+                        return out
+                    return out.add_(fb(h), alpha=self.lora_scale[i])
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output
                 out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.lora_scale[i])

@@ -46,8 +46,11 @@ def test_packed_bf16_matches_plain_bf16(bf16_pair):
     packed_layers = [m.base_format for m in targets if isinstance(m.base_format, PackedWeight)]
     assert packed_layers and not any(f.pending for f in packed_layers)
     # the single-route requests ran their adapters' own factors packed too (the tiny adapters' B is non-zero)
+    from phimm.quant import AdapterFactor
+
     pairs = [f for m in targets for pair in m._formatted.values() for f in pair]
-    assert pairs and all(isinstance(f, PackedWeight) and not f.pending for f in pairs)
+    assert pairs and all(isinstance(f, AdapterFactor) or (isinstance(f, PackedWeight) and not f.pending)
+                         for f in pairs)
     # the image encoder's layers are packed too, their MLP's GELU inside the first GEMM
     from phimm.quant import PackedLinear
 
@@ -180,15 +183,19 @@ def test_bucketed_prefill_rows_equal_alone(tiny_pipe):
         assert (got.logits - alone.logits).abs().max().item() < 1e-5
 
 @pytest.mark.skipif(not PackedWeight.applies(torch.ones(1, 1, dtype=torch.bfloat16)), reason="needs oneDNN bf16")
-def test_packed_adapter_adds_b_inside_the_gemm_for_long_inputs():
-    """A bf16 `LoraLinear` with packed base and packed adapter factors: short inputs (decode) add B's output
-    after its GEMM, long ones (prefill, > FORMATTED_B_MAX_TOKENS tokens) in place inside it (`addmm_`); both
-    equal base + scale * B A x computed in fp32 from the same weights, within bf16 rounding, in 2-D and 3-D."""
+@pytest.mark.parametrize("fmt", ["packed_adapter", "adapter_factor"])
+def test_packed_adapter_adds_b_inside_the_gemm_for_long_inputs(fmt):
+    """A bf16 `LoraLinear` with packed base and its adapter factors in a format (oneDNN-packed, or as they are
+    through phimm's gemv kernel): short inputs (decode) add B's output after its GEMM (or inside the kernel), long
+    ones (prefill, > FORMATTED_B_MAX_TOKENS tokens) in place inside it (`addmm_`); both equal base + scale * B A x
+    computed in fp32 from the same weights, within bf16 rounding, in 2-D and 3-D."""
     from torch import nn
 
     from adapters import LoraLinear
     from adapters.lora import FORMATTED_B_MAX_TOKENS, RowAdapters
-    from phimm.quant import packed_adapter
+    from phimm import quant
+
+    packed_adapter = getattr(quant, fmt)
 
     g = torch.Generator().manual_seed(0)
     base = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
@@ -212,7 +219,8 @@ def test_packed_adapter_adds_b_inside_the_gemm_for_long_inputs():
 
 
 @pytest.mark.skipif(not PackedWeight.applies(torch.ones(1, 1, dtype=torch.bfloat16)), reason="needs oneDNN bf16")
-def test_packed_adapters_on_runs_of_a_mixed_step():
+@pytest.mark.parametrize("fmt", ["packed_adapter", "adapter_factor"])
+def test_packed_adapters_on_runs_of_a_mixed_step(fmt):
     """A mixed step's rows (one per token), packed bf16 base and adapters: the long runs take their adapter's
     packed path (B inside its GEMM, written back into the run's rows), the short rows the masked one; every row
     equals base + its own adapter's delta computed in fp32."""
@@ -220,7 +228,9 @@ def test_packed_adapters_on_runs_of_a_mixed_step():
 
     from adapters import LoraLinear
     from adapters.lora import FORMATTED_B_MAX_TOKENS, RUN_MIN_TOKENS, RowAdapters
-    from phimm.quant import packed_adapter
+    from phimm import quant
+
+    packed_adapter = getattr(quant, fmt)
 
     g = torch.Generator().manual_seed(2)
     base = nn.Linear(96, 160, bias=True).to(torch.bfloat16)

@@ -5,6 +5,8 @@
 - `decode_attention.cpp` (`attention_kernel()`): one query position per row against a long KV cache,
   grouped-query attention, keys and values read once in place (see its header).
 - `rms_norm.cpp` (`norm_kernel()`): the decoder's RMSNorm in one pass over each row (see its header).
+- `gemv_bf16.cpp` (`gemv_kernel()`): bf16 weight times a few bf16 input rows, for the LoRA factors of decode
+  steps (see its header).
 
 Each is plain C++ with a C interface, compiled once per machine by the system's C++ compiler (`CXX`, else `g++`;
 about a second) into a cache folder (`PHIMM_KERNEL_CACHE`, else `~/.cache/phimm/kernels`) and called through
@@ -283,3 +285,56 @@ def norm_kernel() -> NormKernel | None:
             _loaded["norm"] = _load("rms_norm", NormKernel, "phimm RMSNorm kernel", "the module's own forward",
                                     "AVX-512")
         return _loaded["norm"]
+
+
+class GemvKernel:
+    """The loaded bf16 matrix-vector library: `gemv(x, w, out=None, alpha=1.0)`, for up to `MAX_ROWS` input rows
+    (beyond, oneDNN's GEMMs win)."""
+
+    MAX_ROWS = 32
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        lib.phimm_gemv_isa.restype = ctypes.c_int
+        lib.phimm_gemv_bf16.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.phimm_gemv_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_int,
+                                        ctypes.c_int]
+        self.lib, self.path = lib, path
+        self.available = lib.phimm_gemv_isa() >= 1  # AVX-512 BF16
+
+    def takes(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """bf16 CPU tensors, x's rows (all leading axes, at most `MAX_ROWS`) flattening to one stride, w `[N, K]`
+        contiguous with K = x's last axis."""
+        return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and x.dim() >= 1
+                and x.shape[-1] == w.shape[1] and x.stride(-1) == 1 and 0 < x.numel() // max(1, x.shape[-1])
+                <= self.MAX_ROWS and _rows_stride(x) is not None)
+
+    def gemv(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+             alpha: float = 1.0) -> torch.Tensor:
+        """`alpha * x w^T` (`x [..., K]`, `w [N, K]`), rounded to bf16 once; with `out` (contiguous, x's leading
+        shape by N), added into it in place (`out + alpha * x w^T`, one rounding) and returned."""
+        if not self.takes(x, w):
+            raise ValueError(f"phimm gemv does not take x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}")
+        n, k = w.shape
+        m = x.numel() // k
+        accumulate = out is not None
+        if out is None:
+            out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+        elif not (out.dtype == torch.bfloat16 and out.is_contiguous() and out.numel() == m * n):
+            raise ValueError(f"phimm gemv: out {tuple(out.shape)} {out.dtype} is not a contiguous bf16 [{m}, {n}]")
+        rc = self.lib.phimm_gemv_bf16(x.data_ptr(), m, k, _rows_stride(x), w.data_ptr(), n, out.data_ptr(), n,
+                                      float(alpha), int(accumulate), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"phimm gemv refused its arguments (code {rc})")
+        return out
+
+
+def gemv_kernel() -> GemvKernel | None:
+    """phimm's bf16 matrix-vector CPU kernel for this machine, built on first call; None where it cannot be had
+    (the reason is logged once)."""
+    with _lock:
+        if "gemv" not in _loaded:
+            _loaded["gemv"] = _load("gemv_bf16", GemvKernel, "phimm bf16 gemv kernel", "oneDNN", "AVX-512 BF16")
+        return _loaded["gemv"]
