@@ -77,18 +77,27 @@ def _build(compiler: str, name: str = "int4_gemm") -> Path:
     return target
 
 
+_I64, _PTR, _INT, _FLOAT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+def _open(path: Path, isa: str, fn: str, argtypes: list) -> tuple[ctypes.CDLL, int]:
+    """The library at `path`, its function `fn` (returning an int code) given `argtypes`, and what its function
+    `isa` says this build can do."""
+    # libgomp is resolved by its soname: the one torch loaded is reused, not a second OpenMP runtime
+    lib = ctypes.CDLL(str(path))
+    getattr(lib, isa).restype = ctypes.c_int
+    getattr(lib, fn).restype = ctypes.c_int
+    getattr(lib, fn).argtypes = argtypes
+    return lib, getattr(lib, isa)()
+
+
 class Int4Kernel:
     """The loaded int4 library: `gemm(x, packed, scales, group)`."""
 
     def __init__(self, path: Path):
-        # libgomp is resolved by its soname: the one torch loaded is reused, not a second OpenMP runtime
-        lib = ctypes.CDLL(str(path))
-        lib.phimm_int4_isa.restype = ctypes.c_int
-        lib.phimm_int4_gemm.restype = ctypes.c_int
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.phimm_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+        lib, isa = _open(path, "phimm_int4_isa", "phimm_int4_gemm",
+                         [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT])
         self.lib, self.path = lib, path
-        isa = lib.phimm_int4_isa()
         self.available = isa >= 1  # AVX-512 VNNI
         self.amx = isa >= 2  # and AMX tiles for many rows (Linux grants them on the first such call)
 
@@ -111,10 +120,15 @@ class Int4Kernel:
 def int4_kernel() -> Int4Kernel | None:
     """phimm's int4 CPU kernel for this machine, built on first call; None where it cannot be had (the reason
     is logged once)."""
+    return _once("int4", _load_int4)
+
+
+def _once(key: str, make):
+    """`make()`'s kernel (or None), made on the first call for `key` and kept."""
     with _lock:
-        if "int4" not in _loaded:
-            _loaded["int4"] = _load_int4()
-        return _loaded["int4"]
+        if key not in _loaded:
+            _loaded[key] = make()
+        return _loaded[key]
 
 
 def _load_int4() -> Int4Kernel | None:
@@ -144,15 +158,11 @@ class AttentionKernel:
     """The loaded decode-attention library: `decode(query, key, value, starts, scale)`."""
 
     def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
-        lib.phimm_attn_isa.restype = ctypes.c_int
-        lib.phimm_decode_attention.restype = ctypes.c_int
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.phimm_decode_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64,
-                                               i64, i64, i64, i64, i64, i64, ptr, ctypes.c_float, ptr,
-                                               ctypes.c_int, ctypes.c_int]
+        lib, isa = _open(path, "phimm_attn_isa", "phimm_decode_attention",
+                         [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
+                          _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _FLOAT, _PTR, _INT, _INT])
         self.lib, self.path = lib, path
-        self.available = lib.phimm_attn_isa() >= 1  # AVX-512 F and BW
+        self.available = isa >= 1  # AVX-512 F and BW
 
     @staticmethod
     def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -192,11 +202,8 @@ class AttentionKernel:
 def attention_kernel() -> AttentionKernel | None:
     """phimm's decode-attention CPU kernel for this machine, built on first call; None where it cannot be had
     (the reason is logged once)."""
-    with _lock:
-        if "attention" not in _loaded:
-            _loaded["attention"] = _load("decode_attention", AttentionKernel, "phimm decode attention kernel",
-                                         "PyTorch's attention", "AVX-512")
-        return _loaded["attention"]
+    return _once("attention", lambda: _load("decode_attention", AttentionKernel, "phimm decode attention kernel",
+                                            "PyTorch's attention", "AVX-512"))
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
@@ -227,13 +234,10 @@ class NormKernel:
     """The loaded RMSNorm library: `rms_norm(x, weight, eps)`."""
 
     def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
-        lib.phimm_norm_isa.restype = ctypes.c_int
-        lib.phimm_rms_norm.restype = ctypes.c_int
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.phimm_rms_norm.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
+        lib, isa = _open(path, "phimm_norm_isa", "phimm_rms_norm",
+                         [_PTR, _I64, _I64, _I64, _PTR, _FLOAT, _PTR, _INT, _INT])
         self.lib, self.path = lib, path
-        self.available = lib.phimm_norm_isa() >= 1
+        self.available = isa >= 1  # AVX-512 F and BW
 
     @staticmethod
     def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -280,11 +284,8 @@ def _rows_stride(x: torch.Tensor) -> int | None:
 def norm_kernel() -> NormKernel | None:
     """phimm's RMSNorm CPU kernel for this machine, built on first call; None where it cannot be had (the reason
     is logged once)."""
-    with _lock:
-        if "norm" not in _loaded:
-            _loaded["norm"] = _load("rms_norm", NormKernel, "phimm RMSNorm kernel", "the module's own forward",
-                                    "AVX-512")
-        return _loaded["norm"]
+    return _once("norm", lambda: _load("rms_norm", NormKernel, "phimm RMSNorm kernel", "the module's own forward",
+                                       "AVX-512"))
 
 
 class GemvKernel:
@@ -294,14 +295,10 @@ class GemvKernel:
     MAX_ROWS = 32
 
     def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
-        lib.phimm_gemv_isa.restype = ctypes.c_int
-        lib.phimm_gemv_bf16.restype = ctypes.c_int
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.phimm_gemv_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, ctypes.c_float, ctypes.c_int,
-                                        ctypes.c_int]
+        lib, isa = _open(path, "phimm_gemv_isa", "phimm_gemv_bf16",
+                         [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _FLOAT, _INT, _INT])
         self.lib, self.path = lib, path
-        self.available = lib.phimm_gemv_isa() >= 1  # AVX-512 BF16
+        self.available = isa >= 1  # AVX-512 BF16
 
     def takes(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         """bf16 CPU tensors, x's rows (all leading axes, at most `MAX_ROWS`) flattening to one stride, w `[N, K]`
@@ -334,7 +331,4 @@ class GemvKernel:
 def gemv_kernel() -> GemvKernel | None:
     """phimm's bf16 matrix-vector CPU kernel for this machine, built on first call; None where it cannot be had
     (the reason is logged once)."""
-    with _lock:
-        if "gemv" not in _loaded:
-            _loaded["gemv"] = _load("gemv_bf16", GemvKernel, "phimm bf16 gemv kernel", "oneDNN", "AVX-512 BF16")
-        return _loaded["gemv"]
+    return _once("gemv", lambda: _load("gemv_bf16", GemvKernel, "phimm bf16 gemv kernel", "oneDNN", "AVX-512 BF16"))
