@@ -347,6 +347,9 @@ class LoraLinear(nn.Module):
                         out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), dense().t(),
                                                                alpha=self.lora_scale[i])
                         return out
+                    lora_into = getattr(fa, "lora_into", None)  # both products and the add in one call
+                    if lora_into is not None and lora_into(x, fb, out, self.lora_scale[i]):
+                        return out
                     h = fa(x)
                     add_into = getattr(fb, "add_into", None)  # B's product added into `out` by the format itself
                     if add_into is not None and add_into(h, out, self.lora_scale[i]):

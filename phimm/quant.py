@@ -456,6 +456,11 @@ class AdapterFactor:
         self.kernel.gemv(h, self.weight, out=out, alpha=alpha)
         return True
 
+    def lora_into(self, x: torch.Tensor, b, out: torch.Tensor, alpha: float) -> bool:
+        """As A: `out += alpha * B (this factor's product with x)` in one kernel call, where B is an `AdapterFactor`
+        too and the kernel takes the tensors; False (nothing done) otherwise."""
+        return isinstance(b, AdapterFactor) and self.kernel.lora_into(x, self.weight, b.weight, out, alpha)
+
     def dense(self) -> torch.Tensor:
         return self.weight
 

@@ -57,3 +57,24 @@ def test_gemv_threads_and_limits():
     assert not kernel.takes(torch.randn(kernel.MAX_ROWS + 1, 256).bfloat16(), w)
     assert not kernel.takes(x.float(), w.float())
     assert not kernel.takes(x, w.t().contiguous().t())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_lora_into_matches_the_two_steps(rows):
+    """`lora_into` (both products and the add in one call) gives what the kernel's two steps give, bit for bit
+    (A's product rounded to bf16 between them, the sum rounded once), and is declined for what it does not take."""
+    gen = torch.Generator().manual_seed(rows)
+    kernel = gemv_kernel()
+    k, r, n = 1024, 64, 3072
+    a = (torch.randn(r, k, generator=gen) / k ** 0.5).to(torch.bfloat16)
+    b = (torch.randn(n, r, generator=gen) / r ** 0.5).to(torch.bfloat16)  # B non-zero
+    x = torch.randn(rows, 1, k, generator=gen).to(torch.bfloat16)
+    base = torch.randn(rows, 1, n, generator=gen).to(torch.bfloat16)
+    fused = base.clone()
+    assert kernel.lora_into(x, a, b, fused, 2.0)
+    two = kernel.gemv(kernel.gemv(x, a), b, out=base.clone(), alpha=2.0)
+    assert torch.equal(fused, two) and not torch.equal(fused, base)
+    assert not kernel.lora_into(x, a, b[:, :-1].contiguous(), base.clone(), 2.0)   # ranks differ
+    assert not kernel.lora_into(x, a, b, base.clone().float(), 2.0)                 # fp32 output
+    assert not kernel.lora_into(torch.randn(kernel.MAX_ROWS + 1, k).bfloat16(), a, b,
+                                torch.zeros(kernel.MAX_ROWS + 1, n).bfloat16(), 2.0)  # too many rows

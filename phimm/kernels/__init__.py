@@ -297,6 +297,8 @@ class GemvKernel:
     def __init__(self, path: Path):
         lib, isa = _open(path, "phimm_gemv_isa", "phimm_gemv_bf16",
                          [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _FLOAT, _INT, _INT])
+        lib.phimm_lora_bf16.restype = _INT
+        lib.phimm_lora_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _FLOAT, _INT]
         self.lib, self.path = lib, path
         self.available = isa >= 1  # AVX-512 BF16
 
@@ -326,6 +328,23 @@ class GemvKernel:
         if rc:
             raise RuntimeError(f"phimm gemv refused its arguments (code {rc})")
         return out
+
+
+    def lora_into(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float) -> bool:
+        """`out += alpha * (x a^T) b^T` in place (`a [r, K]`, `b [N, r]` contiguous bf16; x a^T rounded to bf16, the
+        sum rounded once), in one call, where the kernel takes `x` and `a` and `out` is a contiguous bf16 tensor of
+        x's rows by N; False (nothing done) otherwise."""
+        n, r = b.shape
+        if not (self.takes(x, a) and b.dtype == torch.bfloat16 and b.is_contiguous() and r == a.shape[0]
+                and out.dtype == torch.bfloat16 and out.is_contiguous() and out.shape[-1] == n
+                and out.numel() == x.numel() // x.shape[-1] * n):
+            return False
+        k = a.shape[1]
+        rc = self.lib.phimm_lora_bf16(x.data_ptr(), x.numel() // k, k, _rows_stride(x), a.data_ptr(), r,
+                                      b.data_ptr(), n, out.data_ptr(), n, float(alpha), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"phimm LoRA kernel refused its arguments (code {rc})")
+        return True
 
 
 def gemv_kernel() -> GemvKernel | None:

@@ -9,9 +9,11 @@
 // four at a time (its weight rows then come from L1 / L2). Blocks of rows are shared out over threads.
 //
 // Built on first use by phimm.kernels (g++ -O3 -march=native -fopenmp -shared); `phimm_gemv_isa()` is 1 where
-// this build has AVX-512 BF16, else 0 and the Python side keeps oneDNN.
+// this build has AVX-512 BF16, else 0 and the Python side keeps oneDNN. `phimm_lora_bf16` runs a LoRA delta
+// (A's product, then B's added into the layer's output) in one call.
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define PHIMM_GEMV 1
@@ -139,6 +141,26 @@ extern "C" int phimm_gemv_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t 
     return 0;
 #else
     (void)x; (void)M; (void)K; (void)xs; (void)w; (void)N; (void)y; (void)ys; (void)alpha; (void)accumulate;
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+// A LoRA delta in one call: h = x a^T rounded to bf16 ([M, R], as the two-step path rounds it), then
+// y += alpha * h b^T rounded once. x [M, K] (row stride xs), a [R, K] and b [N, R] contiguous, y [M, N] (row
+// stride ys). Returns 0, 1 where this build lacks AVX-512 BF16, 4 where no memory is left for h.
+extern "C" int phimm_lora_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t xs, const uint16_t* a, int64_t R,
+                               const uint16_t* b, int64_t N, uint16_t* y, int64_t ys, float alpha, int nthreads) {
+#if PHIMM_GEMV
+    uint16_t stack[4096];
+    uint16_t* h = M * R <= 4096 ? stack : (uint16_t*)malloc((size_t)(M * R) * sizeof(uint16_t));
+    if (!h) return 4;
+    gemv(x, M, xs, a, R, K, h, R, 1.0f, 0, nthreads > 1 && R >= 64 ? nthreads : 1);
+    gemv(h, M, R, b, N, R, y, ys, alpha, 1, nthreads > 1 && N >= 64 ? nthreads : 1);
+    if (h != stack) free(h);
+    return 0;
+#else
+    (void)x; (void)M; (void)K; (void)xs; (void)a; (void)R; (void)b; (void)N; (void)y; (void)ys; (void)alpha;
     (void)nthreads;
     return 1;
 #endif
