@@ -3,7 +3,6 @@ falls back to PyTorch's and gives the same answers within bf16 rounding."""
 
 from __future__ import annotations
 
-import torch
 from conftest import make_audio, make_image
 
 import phimm
