@@ -57,6 +57,8 @@ def _build(compiler: str, name: str = "int4_gemm") -> Path:
     source = _HERE / f"{name}.cpp"
     key = hashlib.sha256()
     key.update(source.read_bytes())
+    for header in sorted(_HERE.glob("*.h")):  # the helpers the sources include
+        key.update(header.read_bytes())
     key.update(" ".join([compiler, *_FLAGS]).encode())
     key.update(_cpu_flags().encode())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"

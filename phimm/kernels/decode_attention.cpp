@@ -28,7 +28,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHIMM_AVX512 1
-#include <immintrin.h>
+#include "bf16.h"
 #else
 #define PHIMM_AVX512 0
 #endif
@@ -59,25 +59,16 @@ constexpr int64_t elem(int DT) { return DT ? 2 : 4; }
 // 16 values as fp32
 template <int DT>
 static inline __m512 load16(const void* p) {
-    if (DT) {
-        __m256i h = _mm256_loadu_si256((const __m256i*)p);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
+    if (DT) return phimm_widen_bf16(_mm256_loadu_si256((const __m256i*)p));
     return _mm512_loadu_ps((const float*)p);
 }
 
 template <int DT>
 static inline void store16(void* p, __m512 v) {
-    if (DT) {  // round to nearest even, NaN kept a (quiet) NaN
-        __m512i u = _mm512_castps_si512(v);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-        _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
-    } else {
+    if (DT)
+        _mm256_storeu_si256((__m256i*)p, phimm_to_bf16(v));
+    else
         _mm512_storeu_ps((float*)p, v);
-    }
 }
 
 // e^x for x <= 0 (scores minus their maximum), to about 1 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
@@ -100,16 +91,6 @@ static inline __m512 exp_neg(__m512 x) {
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
     return _mm512_mask_mov_ps(y, under, _mm512_setzero_ps());
-}
-
-// the sums of a, b, c, d (16 lanes each) as 4 floats at dst
-static inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* dst) {
-    __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-    __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
-    z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
-    z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
-    _mm512_mask_compressstoreu_ps(dst, 0x1111, z);
 }
 
 // acc[g][j] (16-lane partial sums) of q_g . k_j for the 4 keys k_j = k + j * kst_bytes; q: [GQ][D], as `heads`
@@ -143,41 +124,37 @@ static inline void dot4(const void* qraw, const char* k, int64_t kst_bytes, int6
     }
 }
 
-// s[g][t] = scale * q_g . k_t, t < L (L >= 4: the last keys' group of 4 is the last 4 keys, overlapping the one
-// before; L < 4: the keys are read as a group of 4 with the missing ones repeating the last)
+// s[g][t] = scale * q_g . k_t, t < L: four keys at a time, the last group the last four keys (overlapping the
+// group before); fewer than four keys one at a time (each read as a group of four copies of itself)
 template <int DT, int GQ>
 static void scores(const void* q, const char* k, int64_t kst_bytes, int64_t L, int64_t D, float scale, float* s,
                    int64_t ls, const char* v, int64_t vst_bytes, int64_t Dv) {
     __m512 acc[GQ][4];
     float tmp[4];
+    if (L < 4) {
+        for (int64_t t = 0; t < L; ++t) {
+            dot4<DT, GQ>(q, k + t * kst_bytes, 0, D, acc);
+            for (int g = 0; g < GQ; ++g) {
+                _mm_storeu_ps(tmp, phimm_reduce4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+                s[g * ls + t] = tmp[0] * scale;
+            }
+        }
+        return;
+    }
     for (int64_t t = 0; t < L; t += 4) {
-        const int64_t t0 = L >= 4 && t + 4 > L ? L - 4 : t;
+        const int64_t t0 = t + 4 > L ? L - 4 : t;
         const char* k0 = k + t0 * kst_bytes;
-        int64_t stride = kst_bytes;
-        if (L < 4) stride = 0;  // one key at a time, below
         if (PHIMM_PF && t0 + PHIMM_PF + 4 <= L)
             for (int j = 0; j < 4; ++j)
                 for (int64_t d = 0; d < D * elem(DT); d += 64)
                     _mm_prefetch(k0 + (PHIMM_PF + j) * kst_bytes + d, _MM_HINT_T0);
-#if PHIMM_PFV
-        if (t0 + PHIMM_PFV + 4 <= L)
+        if (PHIMM_PFV && t0 + PHIMM_PFV + 4 <= L)  // the values' rows too, for the pass after this one
             for (int j = 0; j < 4; ++j)
                 for (int64_t d = 0; d < Dv * elem(DT); d += 64)
                     _mm_prefetch(v + (t0 + PHIMM_PFV + j) * vst_bytes + d, _MM_HINT_T1);
-#endif
-        if (L < 4) {
-            for (int64_t j = 0; j < L; ++j) {
-                dot4<DT, GQ>(q, k + j * kst_bytes, stride, D, acc);
-                for (int g = 0; g < GQ; ++g) {
-                    reduce4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], tmp);
-                    s[g * ls + j] = tmp[0] * scale;
-                }
-            }
-            return;
-        }
-        dot4<DT, GQ>(q, k0, stride, D, acc);
+        dot4<DT, GQ>(q, k0, kst_bytes, D, acc);
         for (int g = 0; g < GQ; ++g) {
-            reduce4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], tmp);
+            _mm_storeu_ps(tmp, phimm_reduce4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
             for (int j = 0; j < 4; ++j) s[g * ls + t0 + j] = tmp[j] * scale;
         }
     }

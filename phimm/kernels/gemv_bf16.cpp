@@ -17,7 +17,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #define PHIMM_GEMV 1
-#include <immintrin.h>
+#include "bf16.h"
 #else
 #define PHIMM_GEMV 0
 #endif
@@ -26,32 +26,10 @@ extern "C" int phimm_gemv_isa(void) { return PHIMM_GEMV; }
 
 #if PHIMM_GEMV
 
-#ifndef PHIMM_GEMV_PF
-#define PHIMM_GEMV_PF 0
-#endif
 // prefetch the same line of the rows PHIMM_GEMV_PFN blocks of four ahead (0: none)
 #ifndef PHIMM_GEMV_PFN
 #define PHIMM_GEMV_PFN 2
 #endif
-
-static inline __m512i round_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-}
-
-// sums of a, b, c, d (16 lanes each) in lanes 0..3 of the result
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-    __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-    __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
-    z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
-    z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
-    // lanes 0, 4, 8, 12 hold the four sums
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                                          0, 0, 0, 0), z));
-}
 
 // rows n0 .. n0 + NR (NR <= 4) of w against the M input rows; results to y (bf16, row stride ys)
 template <int M, int NR>
@@ -66,7 +44,6 @@ static inline void block(const uint16_t* x, int64_t xs, const uint16_t* w, int64
     for (; k + 32 <= K; k += 32) {
         __m512bh wv[NR];
         for (int j = 0; j < NR; ++j) {
-            if (PHIMM_GEMV_PF) _mm_prefetch((const char*)(wr[j] + k) + PHIMM_GEMV_PF, _MM_HINT_T0);
             if (PHIMM_GEMV_PFN && wr[j] + k + 4 * PHIMM_GEMV_PFN * K < wend)
                 _mm_prefetch((const char*)(wr[j] + k + 4 * PHIMM_GEMV_PFN * K), _MM_HINT_T0);
             wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
@@ -88,14 +65,14 @@ static inline void block(const uint16_t* x, int64_t xs, const uint16_t* w, int64
     const __mmask16 out = (__mmask16)((1u << NR) - 1);
     const __m512 va = _mm512_set1_ps(alpha);
     for (int m = 0; m < M; ++m) {
-        __m512 s = _mm512_castps128_ps512(reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+        __m512 s = _mm512_castps128_ps512(phimm_reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
         s = _mm512_mul_ps(s, va);
         uint16_t* dst = y + m * ys + n0;
         if (accumulate) {
             __m256i prev = _mm256_maskz_loadu_epi16(out, dst);
-            s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(prev), 16)));
+            s = _mm512_add_ps(s, phimm_widen_bf16(prev));
         }
-        _mm256_mask_storeu_epi16(dst, out, _mm512_cvtepi32_epi16(round_bf16(s)));
+        _mm256_mask_storeu_epi16(dst, out, phimm_to_bf16(s));
     }
 }
 

@@ -30,7 +30,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PHIMM_VNNI 1
-#include <immintrin.h>
+#include "bf16.h"
 #else
 #define PHIMM_VNNI 0
 #endif
@@ -79,7 +79,7 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_
 #endif
 
 static inline __m512 bf16_to_fp32(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+    return phimm_widen_bf16(_mm256_loadu_si256((const __m256i*)p));
 }
 
 // one block of 16 output rows for MT input rows (m0 .. m0 + MT)

@@ -17,7 +17,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PHIMM_AVX512 1
-#include <immintrin.h>
+#include "bf16.h"
 #else
 #define PHIMM_AVX512 0
 #endif
@@ -28,19 +28,8 @@ extern "C" int phimm_norm_isa(void) { return PHIMM_AVX512; }
 
 template <int BF16>
 static inline __m512 load16(const void* p, __mmask16 m) {
-    if (BF16) {
-        __m256i h = _mm256_maskz_loadu_epi16(m, p);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
+    if (BF16) return phimm_widen_bf16(_mm256_maskz_loadu_epi16(m, p));
     return _mm512_maskz_loadu_ps(m, p);
-}
-
-// fp32 -> bf16 bits, round to nearest even (NaN kept a quiet NaN), in the low 16 bits of each lane
-static inline __m512i round_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
 }
 
 template <int BF16>
@@ -64,9 +53,9 @@ static void row(const char* x, const char* w, int64_t n, float eps, char* out) {
         __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
         __m512 y = _mm512_mul_ps(load16<BF16>(x + i * esz, m), r);
         if (BF16) {
-            __m512 yb = _mm512_castsi512_ps(_mm512_slli_epi32(round_bf16(y), 16));  // the module's .to(bf16)
+            __m512 yb = _mm512_castsi512_ps(_mm512_slli_epi32(phimm_round_bf16(y), 16));  // the module's .to(bf16)
             __m512 z = _mm512_mul_ps(load16<1>(w + i * 2, m), yb);
-            _mm256_mask_storeu_epi16(out + i * 2, m, _mm512_cvtepi32_epi16(round_bf16(z)));
+            _mm256_mask_storeu_epi16(out + i * 2, m, phimm_to_bf16(z));
         } else {
             _mm512_mask_storeu_ps(out + i * 4, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i * 4), y));
         }
