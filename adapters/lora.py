@@ -18,10 +18,11 @@ from .errors import AdapterDataError
 
 # with an adapter format (`LoraLinear.set_adapter_format`), forwards of up to this many tokens run B through it
 # and add its output; longer ones (prefills) add B's product into the base output in place, inside B's GEMM
-# (`addmm_`, B as a plain tensor: `dense()`, a transient copy out of the format). 209m gate_up (1024 -> 7168,
-# r = 64, bf16, one core) over 3,420 tokens: the base GEMM 36.8 ms; with B through its format and a separate add
-# 58.3 ms, with B's format adding the base output as a post-op (oneDNN's binary add) 55.4 ms, in place 41.7 ms.
-# At 1 token, B through its format and a separate add is 10-20 us faster than `addmm_`
+# (`addmm_`, B as a plain tensor: `dense()`, a transient copy out of a packed format, the factor itself
+# otherwise). 209m gate_up (1024 -> 7168, r = 64, bf16, one core) over 3,420 tokens: the base GEMM 36.8 ms; with
+# B through its format and a separate add 58.3 ms, with B's format adding the base output as a post-op (oneDNN's
+# binary add) 55.4 ms, in place 41.7 ms. At 1 token, B through its format and a separate add is 10-20 us faster
+# than `addmm_`
 FORMATTED_B_MAX_TOKENS = 32
 # in a forward whose rows are on different adapters, a run of consecutive rows on one adapter that holds at least
 # this many tokens (a row of a prefill bucket; a joining prompt of a mixed step, one row per token) gets its
@@ -350,11 +351,7 @@ class LoraLinear(nn.Module):
                     lora_into = getattr(fa, "lora_into", None)  # both products and the add in one call
                     if lora_into is not None and lora_into(x, fb, out, self.lora_scale[i]):
                         return out
-                    h = fa(x)
-                    add_into = getattr(fb, "add_into", None)  # B's product added into `out` by the format itself
-                    if add_into is not None and add_into(h, out, self.lora_scale[i]):
-                        return out
-                    return out.add_(fb(h), alpha=self.lora_scale[i])
+                    return out.add_(fb(fa(x)), alpha=self.lora_scale[i])
                 h = nn.functional.linear(x, a)  # [..., r]
                 # accumulate scale * B h into the base output inside the GEMM: no separate pass over the output
                 out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=self.lora_scale[i])

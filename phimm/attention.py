@@ -58,6 +58,7 @@ import weakref
 import torch
 
 from . import step
+from .kernels import attention_kernel
 
 NAME = "phimm"
 # the switch `Phi4MMComposition.__init__` reads: False leaves the decoder on transformers' sdpa
@@ -118,7 +119,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     kernel = kernel or KERNEL
     if kernel == "phimm" and softcap is None and query.shape[2] == 1:
-        native = _native()
+        native = attention_kernel()
         if native is not None and native.takes(query, key, value):
             starts = _row_starts(attention_mask, key.shape[0], key.shape[2])
             if starts is not _NOT_ALIGNED:
@@ -141,12 +142,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 _NOT_ALIGNED = object()
-
-
-def _native():
-    from .kernels import attention_kernel
-
-    return attention_kernel()
 
 
 def _row_starts(mask, batch: int, width: int):

@@ -22,6 +22,8 @@ import types
 import torch
 from torch import nn
 
+from .kernels import norm_kernel
+
 # the switch `MixtureModel.__init__` reads
 ENABLED = True
 # transformers' norm classes whose forward is `weight * (x * rsqrt(mean(x^2) + eps)).to(input dtype)` on an fp32
@@ -30,22 +32,16 @@ CLASSES = ("Phi4MultimodalRMSNorm", "Phi3RMSNorm", "LlamaRMSNorm", "MistralRMSNo
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    kernel = _kernel()
+    kernel = norm_kernel()
     if hidden_states.dtype == torch.bfloat16 and kernel is not None and kernel.takes(hidden_states, self.weight):
         return kernel.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
 
 
-def _kernel():
-    from .kernels import norm_kernel
-
-    return norm_kernel()
-
-
 def use_for_decoder(decoder: nn.Module) -> int:
     """Give the RMSNorms of `decoder` (a transformers decoder stack: `layers` and `norm`) the kernel's forward;
     returns how many were changed (0 where the kernel cannot be had, or the classes are not `CLASSES`)."""
-    if _kernel() is None:
+    if norm_kernel() is None:
         return 0
     changed = 0
     roots = [m for m in (getattr(decoder, "layers", None), getattr(decoder, "norm", None)) if m is not None]

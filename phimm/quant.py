@@ -433,7 +433,7 @@ class AdapterFactor:
     """A LoRA factor (A `[r, in]` or B `[out, r]`) of a bf16 CPU layer, kept as it is, with no packed copy: up to
     `GemvKernel.MAX_ROWS` input rows (decode steps) through phimm's bf16 gemv kernel (`phimm/kernels/
     gemv_bf16.cpp`), which reads such small matrices from memory 1.1-1.5x faster than oneDNN reads its packed
-    layout (`add_into` adds B's product into the layer's output with one rounding); more rows (prefill) through
+    layout (`lora_into`, on A: the whole delta added into the layer's output in one call); more rows (prefill) through
     `F.linear` on the plain weight, which oneDNN runs in 0.8-1.0x the packed copy's time at a thousand rows."""
 
     def __init__(self, weight: torch.Tensor, kernel):
@@ -446,15 +446,6 @@ class AdapterFactor:
         if self.kernel.takes(x, self.weight):
             return self.kernel.gemv(x, self.weight)
         return nn.functional.linear(x, self.weight)
-
-    def add_into(self, h: torch.Tensor, out: torch.Tensor, alpha: float) -> bool:
-        """`out += alpha * h W^T` in place, rounded once, where the kernel takes `h` and `out` is a contiguous bf16
-        tensor; False (nothing done) otherwise."""
-        if not (self.kernel.takes(h, self.weight) and out.dtype == torch.bfloat16 and out.is_contiguous()
-                and out.shape[-1] == self.out_features and out.numel() == h.numel() // h.shape[-1] * self.out_features):
-            return False
-        self.kernel.gemv(h, self.weight, out=out, alpha=alpha)
-        return True
 
     def lora_into(self, x: torch.Tensor, b, out: torch.Tensor, alpha: float) -> bool:
         """As A: `out += alpha * B (this factor's product with x)` in one kernel call, where B is an `AdapterFactor`

@@ -265,7 +265,7 @@ def test_tiny_model_rows_prefilled_together_equal_sdpa_alone(tiny_ckpt, monkeypa
         assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) <= 1e-5
 
 
-native = pytest.mark.skipif(attention._native() is None,
+native = pytest.mark.skipif(attention.attention_kernel() is None,
                             reason="phimm's decode-attention kernel cannot be built here (no compiler or no AVX-512)")
 
 

@@ -126,7 +126,12 @@ def int4_kernel() -> Int4Kernel | None:
 
 
 def _once(key: str, make):
-    """`make()`'s kernel (or None), made on the first call for `key` and kept."""
+    """`make()`'s kernel (or None), made on the first call for `key` and kept (later calls, on the decode path,
+    take no lock)."""
+    try:
+        return _loaded[key]
+    except KeyError:
+        pass
     with _lock:
         if key not in _loaded:
             _loaded[key] = make()
