@@ -3,13 +3,13 @@
 transformers' Llama-family RMSNorm (`weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`) runs as six tensor ops,
 five of them over an fp32 copy of the input: in a prefill of thousands of tokens at the 209m bench size those
 passes cost more than the arithmetic (the kernel: 4-5x faster on 1,079 x 1,024 bf16). `use_for_decoder(model)`
-gives each such norm of the decoder stack (its layers' and the final one) a forward that calls the kernel where it
-takes the input (CPU, bf16, the weight in bf16, no gradient to keep) and the module's own forward otherwise
-(fp32, training, other devices, or where the kernel cannot be built). Same formula; only the order of the sum of
-squares differs (rarely one bf16 rounding of an output), and each row is computed alone, so a batch's rows stay
-equal to the same requests alone. fp32 models keep transformers' forward: there phimm's text route is
-bit-identical to the base model loaded by transformers, and a different summation order would change fp32's last
-bit (the kernel itself computes fp32 too; its tests use it).
+gives each such bf16 norm of the decoder stack (its layers' and the final one) a forward that calls the kernel
+where it takes the input (CPU, bf16, the weight in bf16, no gradient to keep) and the module's own forward
+otherwise (training, other devices). Same formula; only the order of the sum of squares differs (rarely one bf16
+rounding of an output), and each row is computed alone, so a batch's rows stay equal to the same requests alone.
+Norms loaded in fp32 keep transformers' forward, and the kernel is not built for them: there phimm's text route
+is bit-identical to the base model loaded by transformers, and a different summation order would change fp32's
+last bit (the kernel itself computes fp32 too; its tests use it).
 
 Only norm classes whose forward is that formula are changed (`CLASSES`); others (Gemma's `1 + weight`, for one)
 keep theirs. `ENABLED = False` before loading leaves every norm as transformers made it.
@@ -39,18 +39,18 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def use_for_decoder(decoder: nn.Module) -> int:
-    """Give the RMSNorms of `decoder` (a transformers decoder stack: `layers` and `norm`) the kernel's forward;
-    returns how many were changed (0 where the kernel cannot be had, or the classes are not `CLASSES`)."""
-    if norm_kernel() is None:
-        return 0
-    changed = 0
+    """Give the bf16 RMSNorms of `decoder` (a transformers decoder stack: `layers` and `norm`) the kernel's forward;
+    returns how many were changed (0 where the kernel cannot be had, the classes are not `CLASSES`, or the norms
+    are not bf16: an fp32 model neither builds nor calls the kernel)."""
     roots = [m for m in (getattr(decoder, "layers", None), getattr(decoder, "norm", None)) if m is not None]
-    for root in roots:
-        for module in root.modules():
-            if type(module).__name__ in CLASSES and hasattr(module, "variance_epsilon"):
-                module.forward = types.MethodType(_fused_forward, module)
-                changed += 1
-    return changed
+    norms = [module for root in roots for module in root.modules()
+             if type(module).__name__ in CLASSES and hasattr(module, "variance_epsilon")
+             and getattr(module, "weight", None) is not None and module.weight.dtype == torch.bfloat16]
+    if not norms or norm_kernel() is None:
+        return 0
+    for module in norms:
+        module.forward = types.MethodType(_fused_forward, module)
+    return len(norms)
 
 
 def uses_kernel(module: nn.Module) -> bool:
